@@ -1,0 +1,122 @@
+"""`flashfuse.attention`: the validated public entry point to the op."""
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from flashfuse.kernels import op  # noqa: F401  (registers torch.ops.flashfuse.*)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, bias: Optional[Tensor] = None,
+              mask: Optional[Tensor] = None, causal: bool = False, window: Optional[tuple] = None,
+              softcap: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
+    r"""Fused scaled dot-product attention with the flashfuse kernels.
+
+    Shape legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), Nq queries, Nk keys,
+    D head dim of q and k, Dv head dim of v.
+
+    Args:
+        q: (B, Hq, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv). One floating dtype, one device.
+        scale: multiplies q @ k^T; defaults to D ** -0.5.
+        bias: float tensor broadcastable to (B, Hq, Nq, Nk), added to the scores (after softcap).
+            It is never expanded in memory, and it gets a gradient when it requires one.
+        mask: bool tensor broadcastable to (B, Hq, Nq, Nk); False hides the key.
+        causal: hide key j from query i when j > i + Nk - Nq (aligned at the bottom right).
+        window: (left, right): hide keys j < i + Nk - Nq - left or j > i + Nk - Nq + right; -1 is unbounded.
+        softcap: scores become softcap * tanh(scores / softcap) before the bias.
+        dropout_p: dropout on the probabilities (training only: pass 0.0 in eval).
+
+    Returns:
+        (B, Hq, Nq, Dv) in q's dtype. The softmax runs in fp32. A query that sees no key gives NaN,
+        as softmax over a row of -inf does.
+
+    Example::
+
+        >>> q, k, v = (torch.randn(2, 8, 128, 64) for _ in range(3))
+        >>> flashfuse.attention(q, k, v, causal=True).shape
+        torch.Size([2, 8, 128, 64])
+    """
+    _validate_qkv(q, k, v)
+    b, hq, nq, d = q.shape
+    nk = k.shape[2]
+    full = (b, hq, nq, nk)
+    bias = _validate_broadcast("bias", bias, full, q.device, float_only=True)
+    mask = _validate_broadcast("mask", mask, full, q.device, float_only=False)
+    scale = d ** -0.5 if scale is None else _validate_number("scale", scale)
+    window_left, window_right = _validate_window(window)
+    softcap = 0.0 if softcap is None else _validate_number("softcap", softcap, positive=True)
+    dropout_p = _validate_number("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=q.device)
+    out, _ = torch.ops.flashfuse.fwd(q, k, v, bias, mask, scale, softcap, float("-inf"), causal,
+                                     window_left, window_right, dropout_p, seed)
+    return out
+
+
+def _validate_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)}; "
+                             "for 3-D (B*H, N, D) inputs call with t.unsqueeze(0)")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    (b, hq, _, d), (bk, hkv, nk, dk) = q.shape, k.shape
+    if bk != b:
+        raise ValueError(f"k has batch {bk} but q has batch {b}")
+    if dk != d:
+        raise ValueError(f"k must have q's head dim {d} as its last dim, got shape {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != (b, hkv, nk):
+        raise ValueError(f"v must have shape ({b}, {hkv}, {nk}, Dv) to match k, got {tuple(v.shape)}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q's head count {hq} must be a multiple of k's head count {hkv} (grouped-query attention)")
+
+
+def _validate_broadcast(name, t, full, device, float_only):
+    """Check that t broadcasts to `full` (B, Hq, Nq, Nk) and return it as 4-D, never expanded."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if float_only and not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor (use mask= for booleans), got {t.dtype}")
+    if not float_only and t.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor (True keeps a key; use bias= for float masks), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+    if t.dim() > 4 or any(n != 1 and n != f for n, f in zip(t.shape[::-1], full[::-1])):
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to (B, Hq, Nq, Nk) = {full}")
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
+def _validate_number(name, x, positive=False):
+    if isinstance(x, Tensor) and x.numel() == 1:
+        x = x.item()
+    if not isinstance(x, numbers.Real) or isinstance(x, bool) or not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite real number, got {x!r}")
+    if positive and x <= 0:
+        raise ValueError(f"{name} must be positive, got {x}")
+    return float(x)
+
+
+def _validate_window(window):
+    if window is None:
+        return -1, -1
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+        raise ValueError(f"window must be (left, right) with ints >= -1 (-1 is unbounded), got {window!r}")
+    return int(window[0]), int(window[1])

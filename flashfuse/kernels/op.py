@@ -1,0 +1,92 @@
+"""The `flashfuse` op family that every rewrite calls.
+
+    torch.ops.flashfuse.fwd(q, k, v, bias, mask, scale, softcap, mask_value, causal,
+                            window_left, window_right, dropout_p, seed) -> (out, lse)
+    torch.ops.flashfuse.bwd(dout, q, k, v, bias, mask, out, lse, <same flags>, bias_grad)
+                            -> (dq, dk, dv, dbias)
+
+Both have fake implementations (FakeTensor, symbolic shapes, inductor) and `fwd` has autograd,
+so graphs that call them train. Implementations: the Triton kernels for CUDA tensors (and for CPU
+tensors when TRITON_INTERPRET=1), the blockwise reference otherwise. `attention` in `api.py` is the
+public, validated entry point.
+"""
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from flashfuse.kernels import reference
+
+#: How many times the op has run, by implementation; tests count rewritten sites with it.
+CALLS = {"triton": 0, "reference": 0}
+
+
+def uses_triton(t: Tensor) -> bool:
+    """CUDA tensors take the Triton kernels; CPU tensors do too under Triton's interpreter."""
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _implementation(t: Tensor):
+    if uses_triton(t):
+        from flashfuse.kernels import flash
+        return "triton", flash
+    return "reference", reference
+
+
+@torch.library.custom_op("flashfuse::fwd", mutates_args=())
+def fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], scale: float,
+        softcap: float, mask_value: float, causal: bool, window_left: int, window_right: int, dropout_p: float,
+        seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    name, impl = _implementation(q)
+    CALLS[name] += 1
+    out, lse = impl.forward(q, k, v, bias, mask, scale=scale, softcap=softcap, mask_value=mask_value, causal=causal,
+                            window_left=window_left, window_right=window_right, dropout_p=dropout_p, seed=seed)
+    return out.contiguous(), lse.contiguous()
+
+
+@fwd.register_fake
+def _(q, k, v, bias, mask, scale, softcap, mask_value, causal, window_left, window_right, dropout_p, seed):
+    b, h, n, _ = q.shape
+    return q.new_empty((b, h, n, v.shape[-1])), q.new_empty((b, h, n), dtype=reference.lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("flashfuse::bwd", mutates_args=())
+def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], out: Tensor,
+        lse: Tensor, scale: float, softcap: float, mask_value: float, causal: bool, window_left: int,
+        window_right: int, dropout_p: float, seed: Optional[Tensor],
+        bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _, impl = _implementation(q)
+    dq, dk, dv, dbias = impl.backward(
+        dout, q, k, v, bias, mask, out, lse, scale=scale, softcap=softcap, mask_value=mask_value, causal=causal,
+        window_left=window_left, window_right=window_right, dropout_p=dropout_p, seed=seed, bias_grad=bias_grad)
+    dbias = q.new_empty(0) if dbias is None else dbias.contiguous()
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
+
+
+@bwd.register_fake
+def _(dout, q, k, v, bias, mask, out, lse, scale, softcap, mask_value, causal, window_left, window_right, dropout_p,
+      seed, bias_grad):
+    dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias_grad else q.new_empty(0)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format), dbias)
+
+
+_FLAGS = ("scale", "softcap", "mask_value", "causal", "window_left", "window_right", "dropout_p")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, *flags, seed = inputs
+    ctx.flags = dict(zip(_FLAGS, flags))
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
+    ctx.save_for_backward(q, k, v, bias, mask, seed, *output)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, bias, mask, seed, out, lse = ctx.saved_tensors
+    dq, dk, dv, dbias = bwd(dout, q, k, v, bias, mask, out, lse, *ctx.flags.values(), seed, ctx.bias_grad)
+    return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("flashfuse::fwd", _backward, setup_context=_setup_context)
