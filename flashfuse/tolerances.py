@@ -1,0 +1,34 @@
+"""Tolerances by dtype, in one place: ||actual - expected|| / ||expected|| must stay under these.
+
+The error is relative to the whole tensor's norm, so single values near zero do not dominate
+(an elementwise atol would be needed for those). fp32 forward passes compare against a float64
+oracle; `TF32` covers fp32 kernels whose products run in tf32 (torch.backends.cuda.matmul.allow_tf32).
+"""
+import torch
+
+FORWARD = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+GRADIENT = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+TF32 = {"forward": 2e-3, "gradient": 5e-3}
+
+
+def relative_error(actual, expected):
+    """||actual - expected|| / ||expected|| in float64; NaN in either side counts as infinite error."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if torch.isnan(actual).any() or torch.isnan(expected).any():
+        same_nans = torch.equal(torch.isnan(actual), torch.isnan(expected))
+        if not same_nans:
+            return float("inf")
+        keep = ~torch.isnan(expected)
+        actual, expected = actual[keep], expected[keep]
+    denom = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(actual, expected, dtype, what="forward", name="output"):
+    """Assert the relative error of `actual` is within the tolerance for `dtype` and `what`."""
+    table = FORWARD if what == "forward" else GRADIENT
+    tol = table[dtype]
+    err = relative_error(actual, expected)
+    assert err < tol, f"{name}: relative error {err:.3e} exceeds the {dtype} {what} tolerance {tol:.0e}"
+    return err
