@@ -1,0 +1,158 @@
+"""What every flash kernel shares: the score tile (the op's semantics, in one place) and the host-side spec.
+
+A score tile holds queries `i` and keys `j` given as broadcastable index tensors: [BM, 1] and [1, BN] for
+q @ k^T, or [1, BM] and [BN, 1] for k @ q^T. The forward, backward and decode kernels all build their
+scores here, so bias, mask, softcap, causal/window and dropout follow one rule everywhere.
+"""
+from typing import NamedTuple
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp2 rather than libdevice, so the interpreter runs it too; saturates to +-1 cleanly
+    e = tl.exp2(x * 2.8853900817779268)  # exp(2x)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation; PRECISION "upcast" runs bf16 tiles as fp32 (the interpreter's dot
+    cannot multiply bf16: it sees their raw bits). bf16 -> fp32 is exact, so the result is the same."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    return tl.dot(a, b, acc=acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _score_tile(qk, i, j, n_keys, shift, left, right, scale, softcap, mask_value,
+                bias_ptr, bias_off, stride_bn, mask_ptr, mask_off, stride_mn,
+                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, RAW: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr):
+    """Scores of one tile from qk = q . k (fp32). Returns (s, t, keep).
+
+    s: the scores; in raw q.k units when RAW (no bias, mask or softcap: the caller folds scale into exp2),
+       else scale * q.k, softcapped, plus bias, mask_value where the mask hides a key.
+    t: tanh of the softcap (for its gradient), keep: the mask tile (for the gradient of hidden scores).
+    MASKED: the tile may cross the key bound, the causal diagonal or the window; else every key is visible.
+    bias_off / mask_off: per-query offsets, already holding batch, head and (clamped) query terms.
+    """
+    t = qk
+    keep = qk
+    if RAW:
+        s = qk
+    else:
+        s = qk * scale
+        if SOFTCAP:
+            t = _tanh(s / softcap)
+            s = softcap * t
+        if HAS_BIAS:
+            if MASKED:
+                b = tl.load(bias_ptr + bias_off + j * stride_bn, mask=j < n_keys, other=0.0)
+            else:
+                b = tl.load(bias_ptr + bias_off + j * stride_bn)
+            s = s + b.to(tl.float32)
+        if HAS_MASK:
+            if MASKED:
+                keep = tl.load(mask_ptr + mask_off + j * stride_mn, mask=j < n_keys, other=1) != 0
+            else:
+                keep = tl.load(mask_ptr + mask_off + j * stride_mn) != 0
+            s = tl.where(keep, s, mask_value)
+    if MASKED:
+        # bottom-right aligned: query i faces key i + shift (shift = Nk - Nq); hidden keys get -inf
+        visible = j < n_keys
+        if HAS_RIGHT:
+            visible = visible & (j <= i + shift + right)
+        if HAS_LEFT:
+            visible = visible & (j >= i + shift - left)
+        s = tl.where(visible, s, float("-inf"))
+    return s, t, keep
+
+
+@triton.jit
+def _dropout_keep(seed, row, j, n_keys, dropout_p):
+    """Counter-based keep-mask: one Philox draw per (b, h, i, j); row = (b * Hq + h) * Nq + i, int64."""
+    return tl.rand(seed, row * n_keys + j) >= dropout_p
+
+
+@triton.jit
+def _keep_mask_kernel(Seed, Keep, rows, n_keys, dropout_p, BLOCK: tl.constexpr):
+    # materializes the keep-mask of `_dropout_keep` for a (B, Hq, Nq, Nk) problem, as (rows, Nk) uint8
+    row = tl.program_id(0).to(tl.int64)
+    seed = tl.load(Seed)
+    for start in range(0, n_keys, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        keep = _dropout_keep(seed, row, j, n_keys, dropout_p)
+        tl.store(Keep + row * n_keys + j, keep.to(tl.uint8), mask=j < n_keys)
+
+
+class Spec(NamedTuple):
+    """The op's flags as the kernels take them."""
+    scale: float
+    softcap: float
+    mask_value: float
+    left: int  # keys visible left of the aligned diagonal (-1: unbounded)
+    right: int  # keys visible right of it; causal makes this <= 0 (-1: unbounded)
+    dropout_p: float
+    raw: bool  # no bias, mask or softcap and scale > 0: scale folds into exp2
+
+    @property
+    def has_left(self):
+        return self.left >= 0
+
+    @property
+    def has_right(self):
+        return self.right >= 0
+
+    @property
+    def case(self):
+        """Autotune key of the masking case: 0 full, 1 causal-like (right bound), 2 window (left bound)."""
+        return 2 if self.has_left else (1 if self.has_right else 0)
+
+
+def make_spec(bias, mask, *, scale, softcap, mask_value, causal, window_left, window_right, dropout_p):
+    right = window_right
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    raw = bias is None and mask is None and not softcap and scale > 0
+    return Spec(float(scale), float(softcap), float(mask_value), int(window_left), int(right), float(dropout_p), raw)
+
+
+def precision(dtype):
+    """Dot precision: fp32 products in tf32 when torch allows it for matmuls, else ieee fp32."""
+    if INTERPRET and dtype == torch.bfloat16:
+        return "upcast"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def broadcast_strides(t):
+    """Strides of a 4-D bias or mask with 0 on its size-1 (broadcast) dims, or zeros for None."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
+
+
+def as_bytes(mask):
+    """A bool mask as uint8 of the same strides (no copy), which every Triton version loads."""
+    return None if mask is None else mask.view(torch.uint8)
+
+
+def dropout_keep_mask(seed, shape, dropout_p, device):
+    """The kernels' dropout keep-mask for a (B, Hq, Nq, Nk) problem, as a bool tensor of that shape.
+
+    Tests pass it to reference.naive(..., dropout_keep_mask=...) to check the kernels' dropout.
+    """
+    b, h, nq, nk = shape
+    keep = torch.empty((b * h * nq, nk), dtype=torch.uint8, device=device)
+    _keep_mask_kernel[(b * h * nq,)](seed.to(device), keep, b * h * nq, nk, float(dropout_p), BLOCK=64)
+    return keep.view(torch.bool).reshape(shape)
