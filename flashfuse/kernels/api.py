@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashfuse.kernels import op  # noqa: F401  (registers torch.ops.flashfuse.*)
+from flashfuse.kernels import op
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, bias: Optional[Tensor] = None,
@@ -54,7 +54,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
         raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
     seed = None
     if dropout_p > 0.0:
-        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=q.device)
+        seed = op.new_seed(q)
     out, _ = torch.ops.flashfuse.fwd(q, k, v, bias, mask, scale, softcap, float("-inf"), causal,
                                      window_left, window_right, dropout_p, seed)
     return out

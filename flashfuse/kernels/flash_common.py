@@ -78,6 +78,33 @@ def _score_tile(qk, i, j, n_keys, shift, left, right, scale, softcap, mask_value
 
 
 @triton.jit
+def _band(own0, n_other, offset, below, above, HAS_BELOW: tl.constexpr, HAS_ABOVE: tl.constexpr,
+          OWN_BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr):
+    """Block ranges along the other axis seen by the own block [own0, own0 + OWN_BLOCK), where own index x
+    sees other indices [x + offset - below, x + offset + above] (below/above unbounded unless HAS_*).
+
+    Returns (lo, mid_lo, mid_hi, hi): [lo, hi) holds every visible block (lo and mid_* are multiples of
+    OTHER_BLOCK) and [mid_lo, mid_hi) the full blocks that every own index sees whole: no mask needed.
+    Forward: own = queries, other = keys, offset = Nk - Nq, below = left, above = right; the dK/dV
+    kernel runs it the other way round (offset = Nq - Nk, below = right, above = left).
+    """
+    lo = 0
+    hi = n_other
+    mid_lo = 0
+    mid_hi = (n_other // OTHER_BLOCK) * OTHER_BLOCK
+    # clamp before dividing: the interpreter floors negative quotients, compiled Triton truncates them
+    if HAS_BELOW:
+        lo = (tl.maximum(own0 + offset - below, 0) // OTHER_BLOCK) * OTHER_BLOCK
+        mid_lo = tl.cdiv(tl.maximum(own0 + OWN_BLOCK - 1 + offset - below, 0), OTHER_BLOCK) * OTHER_BLOCK
+    if HAS_ABOVE:
+        hi = tl.minimum(hi, tl.maximum(own0 + OWN_BLOCK + offset + above, 0))
+        mid_hi = tl.minimum(mid_hi, (tl.maximum(own0 + offset + above + 1, 0) // OTHER_BLOCK) * OTHER_BLOCK)
+    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
+    mid_hi = tl.maximum(tl.minimum(mid_hi, hi), mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
 def _dropout_keep(seed, row, j, n_keys, dropout_p):
     """Counter-based keep-mask: one Philox draw per (b, h, i, j); row = (b * Hq + h) * Nq + i, int64."""
     return tl.rand(seed, row * n_keys + j) >= dropout_p

@@ -9,27 +9,7 @@ import triton
 import triton.language as tl
 
 from flashfuse.kernels import configs
-from flashfuse.kernels.flash_common import _dot, _dropout_keep, _score_tile, broadcast_strides, precision
-
-
-@triton.jit
-def _visible_keys(m0, n_queries, n_keys, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key ranges of queries [m0, m0 + BLOCK_M): (lo, mid_lo, mid_hi, hi); [mid_lo, mid_hi) needs no mask."""
-    shift = n_keys - n_queries
-    lo = 0
-    hi = n_keys
-    mid_lo = 0
-    mid_hi = (n_keys // BLOCK_N) * BLOCK_N
-    if HAS_LEFT:
-        lo = (tl.maximum(m0 + shift - left, 0) // BLOCK_N) * BLOCK_N
-        mid_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + shift - left, 0), BLOCK_N) * BLOCK_N
-    if HAS_RIGHT:
-        hi = tl.minimum(hi, tl.maximum(m0 + BLOCK_M + shift + right, 0))
-        mid_hi = tl.minimum(mid_hi, (tl.maximum(m0 + shift + right + 1, 0) // BLOCK_N) * BLOCK_N)
-    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
-    mid_hi = tl.maximum(tl.minimum(mid_hi, hi), mid_lo)
-    return lo, mid_lo, mid_hi, hi
+from flashfuse.kernels.flash_common import _band, _dot, _dropout_keep, _score_tile, broadcast_strides, precision
 
 
 @triton.jit
@@ -124,7 +104,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Lse,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
-    lo, mid_lo, mid_hi, hi = _visible_keys(m0, n_queries, n_keys, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = _band(m0, n_keys, shift, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     # stage 1: masked blocks left of the visible band (window only)
     if HAS_LEFT:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, i, row, lo, mid_lo, K, V, skn, skd, svn, svd, Bias, bias_off,

@@ -73,6 +73,11 @@ def _(dout, q, k, v, bias, mask, out, lse, scale, softcap, mask_value, causal, w
             torch.empty_like(v, memory_format=torch.contiguous_format), dbias)
 
 
+def new_seed(like: Tensor) -> Tensor:
+    """A fresh dropout seed: int64 of shape (1,) on like's device, drawn from torch's generator."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=like.device)
+
+
 _FLAGS = ("scale", "softcap", "mask_value", "causal", "window_left", "window_right", "dropout_p")
 
 

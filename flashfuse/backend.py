@@ -1,0 +1,62 @@
+"""The `flashfuse` torch.compile backend: rewrite attention, then hand the graph to inductor.
+
+    model = torch.compile(model, backend="flashfuse")
+    model = torch.compile(model, backend="flashfuse", options={"compiler": "eager"})
+
+Options (all optional; keys that are not flashfuse's go to inductor as config patches):
+    compiler: "inductor" (default) compiles the rewritten graph with inductor; "eager" runs it
+        through AOTAutograd without inductor (training still works).
+    rewrite: True (default); False compiles the graph untouched, for A/B comparisons.
+    sdpa: True (default) also routes existing F.scaled_dot_product_attention calls to the op.
+`mode` ("default", "reduce-overhead", "max-autotune", ...) is forwarded to inductor.
+"""
+import logging
+
+import torch
+
+from flashfuse.passes import rewrite_graph
+
+log = logging.getLogger("flashfuse")
+
+DEFAULTS = {"compiler": "inductor", "rewrite": True, "sdpa": True}
+COMPILERS = ("inductor", "eager")
+
+
+def split_options(options):
+    """(flashfuse options with defaults, the remaining inductor config patches)."""
+    options = dict(options or {})
+    ours = {key: options.pop(key, default) for key, default in DEFAULTS.items()}
+    if ours["compiler"] not in COMPILERS:
+        raise ValueError(f"options['compiler'] must be one of {COMPILERS}, got {ours['compiler']!r}")
+    for key in ("rewrite", "sdpa"):
+        if not isinstance(ours[key], bool):
+            raise ValueError(f"options[{key!r}] must be a bool, got {ours[key]!r}")
+    return ours, options
+
+
+def flashfuse_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, options=None):
+    """A torch.compile backend: rewrites every provable attention site, then compiles the graph."""
+    ours, inductor_options = split_options(options)
+    if ours["rewrite"]:
+        sites = rewrite_graph(gm, sdpa=ours["sdpa"])
+        for listener in list(_LISTENERS):
+            listener(sites)
+    if ours["compiler"] == "eager":
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._dynamo.backends.debugging import boxed_nop
+        return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop)(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
+    patches.update(inductor_options)
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+# explain() listens here for the sites each compiled graph produced
+_LISTENERS = []
+
+
+def register():
+    """Register the backend under the name "flashfuse" (also done by the package's entry point)."""
+    from torch._dynamo import list_backends, register_backend
+    if "flashfuse" not in list_backends(exclude_tags=()):
+        register_backend(flashfuse_backend, name="flashfuse")

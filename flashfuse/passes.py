@@ -1,0 +1,81 @@
+"""The graph pass: find every attention site in a Dynamo graph and rewrite the proven ones.
+
+`rewrite_graph(gm)` never raises: a site that cannot be proven, or that fails while being
+rewritten, stays as it was and its `Site` says why; an error that escapes a site restores the
+whole graph and logs a warning.
+"""
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from flashfuse.patterns import rewrite
+from flashfuse.patterns.inplace import functionalize_inplace
+from flashfuse.patterns.match import Refuse, is_softmax, match_softmax, sdpa_plan
+from flashfuse.patterns.ops import classify
+
+log = logging.getLogger("flashfuse")
+
+
+@dataclass
+class Site:
+    """One softmax (or SDPA call) found in a graph."""
+    node: str
+    kind: str  # "softmax" or "sdpa"
+    rewritten: bool
+    reason: Optional[str] = None
+    spec: dict = field(default_factory=dict)
+    shape: Optional[tuple] = None
+
+
+def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True) -> list:
+    """Rewrite gm in place; return a Site for every softmax and SDPA call found."""
+    backup = _copy_graph(gm.graph)
+    try:
+        sites = _rewrite(gm, sdpa)
+        gm.graph.lint()
+        gm.recompile()
+        return sites
+    except Exception as exc:  # the pass must never break the user's compilation
+        log.warning("flashfuse: leaving this graph unchanged after an internal error: %r", exc)
+        gm.graph = backup
+        gm.recompile()
+        return [Site(n.name, "softmax", False, f"internal error: {exc!r}") for n in gm.graph.nodes if is_softmax(n)]
+
+
+def _rewrite(gm, sdpa):
+    functionalize_inplace(gm.graph)
+    sites = []
+    for node in list(gm.graph.nodes):
+        op = classify(node)
+        if op is None or op.kind not in ("softmax", "sdpa") or (op.kind == "sdpa" and not sdpa):
+            continue
+        site = Site(node.name, op.kind, False, shape=_shape(node))
+        try:
+            plan = match_softmax(node) if op.kind == "softmax" else sdpa_plan(node)
+            site.spec = plan.spec()
+            rewrite.apply(gm.graph, plan)
+            site.rewritten = True
+            log.info("flashfuse: rewrote %s %s as %s", op.kind, node.name, site.spec)
+        except Refuse as why:
+            site.reason = str(why)
+            log.info("flashfuse: left %s %s as it was: %s", op.kind, node.name, why)
+        except Exception as exc:
+            site.reason = f"internal error: {exc!r}"
+            log.warning("flashfuse: left %s %s as it was after an internal error: %r", op.kind, node.name, exc)
+        sites.append(site)
+    return sites
+
+
+def _shape(node):
+    val = node.meta.get("example_value")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _copy_graph(graph):
+    copy = torch.fx.Graph(owning_module=graph.owning_module)
+    copy._codegen = graph._codegen
+    out = copy.graph_copy(graph, {})
+    copy.output(out)
+    return copy

@@ -1,0 +1,219 @@
+"""Where tensor dims come from: the proofs that a product contracts over the head dim, and GQA.
+
+`is_feature_axis(node, dim)` follows a dim back through views, transposes, slices and elementwise
+ops to the op that produced the data (a projection, an input): it holds when the dim is that
+tensor's last axis, its features. q.kT must contract q's and k's feature axes; p.v must not
+contract v's. A product of q with an untransposed k contracts k's token axis, and is refused,
+even when N == D makes the shapes fit.
+"""
+import operator
+
+import torch
+from torch.fx import Node
+
+from flashfuse.patterns.ops import meta
+
+_SAME_DIMS = {"contiguous", "clone", "float", "half", "bfloat16", "double", "to", "type", "type_as", "neg",
+              "__neg__", operator.neg, torch.neg, torch.clone, "detach", torch.detach}
+_ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub,
+                torch.div, "add", "mul", "sub", "div", "__add__", "__mul__", "__sub__", "__truediv__"}
+_MAX_DEPTH = 64
+
+
+def _rank(node):
+    t = meta(node)
+    return t.dim() if isinstance(t, torch.Tensor) else None
+
+
+def _key(node):
+    return node.target if node.op in ("call_function", "call_method") else None
+
+
+def is_feature_axis(node, dim, depth=0):
+    """True if `dim` of node's tensor is the last (feature) axis of the tensor its data came from."""
+    rank = _rank(node)
+    if rank is None:
+        return False
+    dim %= rank
+    key = _key(node)
+    if key is None or depth > _MAX_DEPTH:
+        return dim == rank - 1
+    src = node.args[0] if node.args else None
+    step = _source_dim(node, key, src, dim, rank)
+    if step is _ROOT:
+        return dim == rank - 1
+    if step is None:
+        return False
+    src_node, src_dim = step
+    return is_feature_axis(src_node, src_dim, depth + 1)
+
+
+_ROOT = object()
+
+
+def _source_dim(node, key, src, dim, rank):  # noqa: C901  (one case per layout op)
+    """(input node, input dim) that `dim` of node comes from; None if it comes from no single dim; _ROOT."""
+    if not isinstance(src, Node) or _rank(src) is None:
+        return _ROOT
+    src_rank = _rank(src)
+    if key in _SAME_DIMS and src_rank == rank:
+        return src, dim
+    if key in ("transpose", torch.transpose, "swapaxes", "swapdims"):
+        d0, d1 = node.args[1] % rank, node.args[2] % rank
+        return src, {d0: d1, d1: d0}.get(dim, dim)
+    if _is_mT(node):
+        return src, {rank - 1: rank - 2, rank - 2: rank - 1}.get(dim, dim)
+    if key in ("permute", torch.permute):
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return src, dims[dim] % rank
+    if key in ("unsqueeze", torch.unsqueeze):
+        d = node.args[1] % rank
+        return None if dim == d else (src, dim - (dim > d))
+    if key in ("expand", "expand_as"):
+        lead = rank - src_rank
+        return None if dim < lead else (src, dim - lead)
+    if key in ("view", "reshape", torch.reshape, "flatten", "unflatten", "view_as", "reshape_as"):
+        return _reshape_source(node, src, dim, rank, src_rank)
+    if key is operator.getitem:
+        return _getitem_source(node, src, dim, rank, src_rank)
+    if key in _ELEMENTWISE:
+        full = [a for a in node.args if isinstance(a, Node) and _rank(a) == rank
+                and tuple(meta(a).shape) == tuple(meta(node).shape)]
+        return (full[0], dim) if full else None
+    if key in ("split", "chunk", "unbind", torch.split, torch.chunk, torch.unbind):
+        return _ROOT  # a tuple; getitem on it is handled above
+    if key in (torch.cat, torch.concat):
+        first = node.args[0][0] if node.args and isinstance(node.args[0], (list, tuple)) else None
+        return (first, dim) if isinstance(first, Node) and _rank(first) == rank else None
+    return _ROOT
+
+
+def _reshape_source(node, src, dim, rank, src_rank):
+    out, inp = meta(node).shape, meta(src).shape
+    if dim == rank - 1:
+        last_in, last_out = inp[-1], out[-1]
+        if _known(last_in == last_out) or _known(last_in % last_out == 0):
+            return src, src_rank - 1
+        return None
+    # leading dims kept as they were (e.g. (B, N, H*D) -> (B, N, H, D) keeps B and N)
+    if dim < src_rank - 1 and all(_known(out[i] == inp[i]) for i in range(dim + 1)):
+        return src, dim
+    return None
+
+
+def _getitem_source(node, src, dim, rank, src_rank):
+    index = node.args[1]
+    if isinstance(meta(src), (list, tuple)):  # element of split/chunk/unbind output
+        parent = src
+        if _key(parent) in ("unbind", torch.unbind):
+            along = (parent.args[1] if len(parent.args) > 1 else parent.kwargs.get("dim", 0))
+            p_rank = _rank(parent.args[0])
+            along %= p_rank
+            return parent.args[0], dim + (dim >= along)
+        return parent.args[0], dim
+    if not isinstance(index, tuple):
+        index = (index,)
+    if any(i is Ellipsis for i in index):
+        pos = index.index(Ellipsis)
+        fill = src_rank - sum(1 for i in index if i is not None and i is not Ellipsis)
+        index = index[:pos] + (slice(None),) * fill + index[pos + 1:]
+    index = index + (slice(None),) * (src_rank - sum(1 for i in index if i is not None))
+    out_dim, in_dim = 0, 0
+    for i in index:
+        if i is None:
+            if out_dim == dim:
+                return None
+            out_dim += 1
+        elif isinstance(i, slice):
+            if out_dim == dim:
+                return src, in_dim
+            out_dim += 1
+            in_dim += 1
+        elif isinstance(i, int):
+            in_dim += 1
+        else:
+            return None  # advanced indexing
+    return None
+
+
+def _known(expr):
+    """True only when a (possibly symbolic) boolean is known to hold for every value of the symbols."""
+    if isinstance(expr, bool):
+        return expr
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+        return statically_known_true(expr)
+    except Exception:
+        return False
+
+
+def known_equal(a, b):
+    return _known(a == b)
+
+
+def _is_mT(node):
+    key = _key(node)
+    if key is getattr:
+        return node.args[1] == "mT"
+    return key == "mT" or key is getattr(torch.ops.aten, "mT", None)
+
+
+def swapped_last_two(node):
+    """If node is x with its last two dims swapped (transpose, mT, permute), return x."""
+    key, rank = _key(node), _rank(node)
+    if key is None or rank is None or rank < 2:
+        return None
+    if key in ("transpose", torch.transpose, "swapaxes", "swapdims"):
+        if {node.args[1] % rank, node.args[2] % rank} == {rank - 2, rank - 1}:
+            return node.args[0]
+    if _is_mT(node):
+        return node.args[0]
+    if key in ("permute", torch.permute):
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if [d % rank for d in dims] == list(range(rank - 2)) + [rank - 1, rank - 2]:
+            return node.args[0]
+    return None
+
+
+def unrepeat_kv(node):
+    """If node is repeat_kv(x, n) or repeat_interleave(x, n, dim=1) of a 4-D x, return (x, n); else None.
+
+    repeat_kv is x[:, :, None].expand(B, Hkv, n, N, D).reshape(B, Hkv * n, N, D): head h reads
+    x's head h // n, exactly the op's grouped-query indexing, so x can be passed unexpanded.
+    """
+    key = _key(node)
+    if key in ("repeat_interleave", torch.repeat_interleave):
+        reps = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+        along = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if isinstance(reps, int) and along is not None and along % 4 == 1 and _rank(node.args[0]) == 4:
+            return node.args[0], reps
+        return None
+    if key not in ("reshape", "view", torch.reshape) or _rank(node) != 4:
+        return None
+    expand = node.args[0]
+    if not isinstance(expand, Node) or _key(expand) != "expand" or _rank(expand) != 5:
+        return None
+    unsq = expand.args[0]
+    if not isinstance(unsq, Node):
+        return None
+    src = _unsqueezed_at_2(unsq)
+    if src is None or _rank(src) != 4:
+        return None
+    e_shape, s_shape, o_shape = meta(expand).shape, meta(src).shape, meta(node).shape
+    ok = (known_equal(e_shape[0], s_shape[0]) and known_equal(e_shape[1], s_shape[1])
+          and known_equal(e_shape[3], s_shape[2]) and known_equal(e_shape[4], s_shape[3])
+          and known_equal(o_shape[1], e_shape[1] * e_shape[2]) and known_equal(o_shape[2], s_shape[2]))
+    return (src, e_shape[2]) if ok else None
+
+
+def _unsqueezed_at_2(node):
+    key = _key(node)
+    if key in ("unsqueeze", torch.unsqueeze) and node.args[1] % 5 == 2:
+        return node.args[0]
+    if key is operator.getitem and isinstance(node.args[1], tuple):
+        idx = node.args[1]
+        full = slice(None)
+        if len(idx) >= 3 and idx[0] == full and idx[1] == full and idx[2] is None \
+                and all(i == full or i is Ellipsis for i in idx[3:]):
+            return node.args[0]
+    return None

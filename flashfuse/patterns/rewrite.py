@@ -1,0 +1,179 @@
+"""Rewrite a proven Plan into one call of torch.ops.flashfuse.fwd.
+
+New nodes get FakeTensor metadata computed from their inputs' metadata, so later passes
+(inductor's included) see a well-formed graph. The rewrite is transactional: nodes are built
+first, and uses are switched over only when every one of them was built.
+"""
+import operator
+
+import torch
+from torch.fx import Node
+
+from flashfuse.kernels import op as flash_op
+from flashfuse.patterns.layout import known_equal
+from flashfuse.patterns.match import Refuse
+from flashfuse.patterns.ops import meta
+
+
+class _Builder:
+    """Appends nodes before `anchor`, each with its fake value in meta['example_value']."""
+
+    def __init__(self, graph, anchor):
+        self.graph, self.anchor, self.created = graph, anchor, []
+
+    def __call__(self, fn, *args, method=False, **kwargs):
+        val = _value(fn, args, kwargs, method)
+        with self.graph.inserting_before(self.anchor):
+            node = (self.graph.call_method(fn, args, kwargs) if method
+                    else self.graph.call_function(fn, args, kwargs))
+        node.meta["example_value"] = val
+        self.created.append(node)
+        return node
+
+    def rollback(self):
+        for node in reversed(self.created):
+            self.graph.erase_node(node)
+
+
+def _value(fn, args, kwargs, method):
+    def unwrap(a):
+        if isinstance(a, Node):
+            return meta(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(unwrap(x) for x in a)
+        return a
+    args, kwargs = unwrap(args), {k: unwrap(v) for k, v in kwargs.items()}
+    if method:
+        return getattr(args[0], fn)(*args[1:], **kwargs)
+    return fn(*args, **kwargs)
+
+
+def _shape(node):
+    return tuple(meta(node).shape)
+
+
+def _size(b, node, dim):
+    n = meta(node).shape[dim]
+    return n if isinstance(n, int) else b("size", node, dim, method=True)
+
+
+def _to_4d(b, node):
+    while meta(node).dim() < 4:
+        node = b(torch.unsqueeze, node, 0)
+    return node
+
+
+def _broadcast_arg(b, node, full, what):
+    """A bias or mask node as 4-D, checked to broadcast to `full` without being expanded."""
+    rank = meta(node).dim()
+    if rank > 4:
+        raise Refuse(f"the {what} has rank {rank}")
+    node = _to_4d(b, node)
+    for n, f in zip(_shape(node), full):
+        if not (known_equal(n, 1) or known_equal(n, f)):
+            raise Refuse(f"the {what} of shape {_shape(node)} does not broadcast to the scores {tuple(full)}")
+    return node
+
+
+def apply(graph, plan):
+    """Replace plan.output with the fused op; returns the new output node. Raises Refuse on failure."""
+    b = _Builder(graph, plan.output)
+    try:
+        out = _build(b, plan)
+    except Exception:
+        b.rollback()
+        raise
+    for consumer, multiply, src in plan.bypass:
+        consumer.replace_input_with(multiply, src)
+    old = plan.output
+    old.replace_all_uses_with(out)
+    _erase_dead(graph, reversed(plan.chain + [old] + [m for _, m, _ in plan.bypass]))
+    return out
+
+
+def _erase_dead(graph, nodes):
+    """Erase the nodes the rewrite left without users, and the pure views that fed only them."""
+    pending = list(nodes)
+    while pending:
+        node = pending.pop(0)
+        if node.users or node.op not in ("call_function", "call_method") or node not in _alive(graph):
+            continue
+        inputs = [a for a in node.all_input_nodes]
+        graph.erase_node(node)
+        pending += [a for a in inputs if _is_view(a)]
+
+
+def _alive(graph):
+    return set(graph.nodes)
+
+
+def _is_view(node):
+    if node.op == "call_method":
+        return node.target in ("transpose", "permute", "view", "reshape", "contiguous", "unsqueeze", "expand", "mT")
+    return node.op == "call_function" and node.target in (torch.transpose, torch.ops.aten.mT, torch.unsqueeze)
+
+
+def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
+    q, k, v = plan.q.node, plan.k.node, plan.v.node
+    if plan.k.transpose:
+        k = b(torch.transpose, k, -2, -1)
+    for t, kind in plan.scale_tensors:
+        q = b(torch.mul if kind == "mul" else torch.div, q, t)
+    dtype = meta(q).dtype
+    if meta(k).dtype != dtype:
+        k = b("to", k, dtype, method=True)
+    if meta(v).dtype != dtype:
+        v = b("to", v, dtype, method=True)
+    q, k, v = _to_4d(b, q), _to_4d(b, k), _to_4d(b, v)
+    (bq, hq), (bk, hk), (bv, hv) = _shape(q)[:2], _shape(k)[:2], _shape(v)[:2]
+    gk, gv = plan.k.group, plan.v.group
+    if not (known_equal(bk, bv) and known_equal(hk * gk, hv * gv)):
+        raise Refuse("k and v differ in batch or heads")
+    if not known_equal(hk, hv):
+        raise Refuse("repeat_kv was absorbed on only one of k and v")
+    if not known_equal(bq, bk):
+        if known_equal(bk, 1):
+            k = b("expand", k, _size(b, q, 0), -1, -1, -1, method=True)
+            v = b("expand", v, _size(b, q, 0), -1, -1, -1, method=True)
+        elif known_equal(bq, 1):
+            q = b("expand", q, _size(b, k, 0), -1, -1, -1, method=True)
+        else:
+            raise Refuse(f"batch sizes {bq} and {bk} do not broadcast")
+    if not (known_equal(hq, hk * gk) or known_equal(hk, 1)):
+        if known_equal(hq, 1):
+            heads = hk * gk if isinstance(hk * gk, int) else b("mul", b("size", k, 1, method=True), gk)
+            q = b("expand", q, -1, heads, -1, -1, method=True)
+        else:
+            raise Refuse(f"{hq} query heads and {hk * gk} key heads do not broadcast")
+    full = (_shape(q)[0], _shape(q)[1], _shape(q)[2], _shape(k)[2])
+    bias = _combined_bias(b, plan, full)
+    mask = _combined_mask(b, plan, full)
+    seed = b(flash_op.new_seed, q) if plan.dropout_p > 0 else None
+    fused = b(torch.ops.flashfuse.fwd.default, q, k, v, bias, mask, float(plan.scale), float(plan.softcap),
+              float(plan.mask_value), bool(plan.causal), -1, -1, float(plan.dropout_p), seed)
+    out = b(operator.getitem, fused, 0)
+    if plan.zero_empty_rows:
+        lse = b(operator.getitem, fused, 1)
+        out = b("masked_fill", out, b(torch.unsqueeze, b(torch.isneginf, lse), -1), 0.0, method=True)
+    want = meta(plan.output)
+    while meta(out).dim() > want.dim():
+        out = b(torch.squeeze, out, 0)
+    if meta(out).dtype != want.dtype:
+        out = b("to", out, want.dtype, method=True)
+    return out
+
+
+def _combined_bias(b, plan, full):
+    total = None
+    for node, coeff in plan.bias:
+        term = node if coeff == 1 else b(torch.mul, node, float(coeff))
+        total = term if total is None else b(torch.add, total, term)
+    return None if total is None else _broadcast_arg(b, total, full, "bias")
+
+
+def _combined_mask(b, plan, full):
+    keep = None
+    for node, is_keep in plan.hide:
+        term = node if is_keep else b(torch.logical_not, node)
+        keep = term if keep is None else b(torch.logical_and, keep, term)
+    return None if keep is None else _broadcast_arg(b, keep, full, "mask")
