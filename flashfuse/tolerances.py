@@ -32,3 +32,23 @@ def assert_close(actual, expected, dtype, what="forward", name="output"):
     err = relative_error(actual, expected)
     assert err < tol, f"{name}: relative error {err:.3e} exceeds the {dtype} {what} tolerance {tol:.0e}"
     return err
+
+
+def gradients_error(actual, expected):
+    """Largest per-tensor error over a list of gradients (None entries skipped).
+
+    Each tensor's error is relative to max(its own norm, 1e-3 x the norm of all gradients together),
+    so a gradient that is zero in exact arithmetic (a key-projection bias, whose shift every softmax
+    row cancels) is judged against the model's gradient scale instead of its own rounding noise.
+    """
+    pairs = [(a, e) for a, e in zip(actual, expected) if e is not None]
+    if any(a is None for a, _ in pairs):
+        return float("inf")
+    total = sum(e.detach().double().norm().item() ** 2 for _, e in pairs) ** 0.5
+    worst = 0.0
+    for a, e in pairs:
+        a, e = a.detach().double(), e.detach().double()
+        if torch.isnan(a).any() != torch.isnan(e).any():
+            return float("inf")
+        worst = max(worst, (a - e).norm().item() / max(e.norm().item(), 1e-3 * total, 1e-30))
+    return worst

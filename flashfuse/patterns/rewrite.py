@@ -96,15 +96,11 @@ def _erase_dead(graph, nodes):
     pending = list(nodes)
     while pending:
         node = pending.pop(0)
-        if node.users or node.op not in ("call_function", "call_method") or node not in _alive(graph):
+        if node.users or node.op not in ("call_function", "call_method") or node._erased:
             continue
         inputs = [a for a in node.all_input_nodes]
         graph.erase_node(node)
         pending += [a for a in inputs if _is_view(a)]
-
-
-def _alive(graph):
-    return set(graph.nodes)
 
 
 def _is_view(node):

@@ -1,0 +1,61 @@
+"""`flashfuse.explain`: which attention sites a model has, which were rewritten, and why not."""
+from dataclasses import dataclass, field
+
+import torch
+
+from flashfuse import backend
+
+
+@dataclass
+class Report:
+    """The sites found while compiling a model: `sites`, one per softmax (and SDPA call)."""
+    sites: list = field(default_factory=list)
+
+    @property
+    def rewritten(self):
+        return sum(s.rewritten for s in self.sites)
+
+    def __str__(self):
+        rows = [("site", "kind", "rewritten", "scores shape", "spec or reason")]
+        for s in self.sites:
+            detail = _short_spec(s.spec) if s.rewritten else (s.reason or "")
+            rows.append((s.node, s.kind, "yes" if s.rewritten else "no", str(s.shape or ""), detail))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(f"{self.rewritten} of {len(self.sites)} attention sites rewritten")
+        return "\n".join(lines)
+
+
+def _short_spec(spec):
+    shown = {k: v for k, v in spec.items()
+             if k == "scale" or not (v is None or v is False or (k in ("gqa", "dropout_p") and v in (0, 1)))}
+    if isinstance(shown.get("scale"), float):
+        shown["scale"] = round(shown["scale"], 6)
+    return " ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def explain(model, *args, **kwargs) -> Report:
+    """Compile `model` with flashfuse, run it once on the given inputs, and report every site.
+
+    Example::
+
+        >>> report = flashfuse.explain(model, input_ids)
+        >>> print(report)
+        >>> assert all(site.rewritten for site in report.sites)
+    """
+    if not callable(model):
+        raise ValueError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+    report = Report()
+    listener = report.sites.extend
+    backend._LISTENERS.append(listener)
+    try:
+        compiled = torch.compile(model, backend=_explain_backend)
+        compiled(*args, **kwargs)
+    finally:
+        backend._LISTENERS.remove(listener)
+    return report
+
+
+def _explain_backend(gm, example_inputs):
+    return backend.flashfuse_backend(gm, example_inputs, options={"compiler": "eager"})
