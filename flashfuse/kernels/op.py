@@ -1,9 +1,11 @@
 """The `flashfuse` op family that every rewrite calls.
 
     torch.ops.flashfuse.fwd(q, k, v, bias, mask, scale, softcap, mask_value, causal,
-                            window_left, window_right, dropout_p, seed) -> (out, lse)
-    torch.ops.flashfuse.bwd(dout, q, k, v, bias, mask, out, lse, <same flags>, bias_grad)
+                            window_left, window_right, dropout_p, seed) -> (out, stats)
+    torch.ops.flashfuse.bwd(dout, q, k, v, bias, mask, out, stats, <same flags>, bias_grad)
                             -> (dq, dk, dv, dbias)
+
+stats (2, B, Hq, Nq) holds each row's max score and log-sum (reference.py says why both).
 
 Both have fake implementations (FakeTensor, symbolic shapes, inductor) and `fwd` has autograd,
 so graphs that call them train. Implementations: the Triton kernels for CUDA tensors (and for CPU
@@ -40,32 +42,37 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[
         seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     name, impl = _implementation(q)
     CALLS[name] += 1
-    out, lse = impl.forward(q, k, v, bias, mask, scale=scale, softcap=softcap, mask_value=mask_value, causal=causal,
-                            window_left=window_left, window_right=window_right, dropout_p=dropout_p, seed=seed)
-    return out.contiguous(), lse.contiguous()
+    out, stats = impl.forward(q, k, v, bias, mask, scale=scale, softcap=softcap, mask_value=mask_value,
+                              causal=causal, window_left=window_left, window_right=window_right, dropout_p=dropout_p,
+                              seed=seed)
+    if stats.dim() == 3:  # kernels that return the log-sum-exp alone
+        stats = torch.stack([stats, torch.zeros_like(stats)])
+    return out.contiguous(), stats.contiguous()
 
 
 @fwd.register_fake
 def _(q, k, v, bias, mask, scale, softcap, mask_value, causal, window_left, window_right, dropout_p, seed):
     b, h, n, _ = q.shape
-    return q.new_empty((b, h, n, v.shape[-1])), q.new_empty((b, h, n), dtype=reference.lse_dtype(q.dtype))
+    return q.new_empty((b, h, n, v.shape[-1])), q.new_empty((2, b, h, n), dtype=reference.stats_dtype(q.dtype))
 
 
 @torch.library.custom_op("flashfuse::bwd", mutates_args=())
 def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], out: Tensor,
-        lse: Tensor, scale: float, softcap: float, mask_value: float, causal: bool, window_left: int,
+        stats: Tensor, scale: float, softcap: float, mask_value: float, causal: bool, window_left: int,
         window_right: int, dropout_p: float, seed: Optional[Tensor],
         bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, impl = _implementation(q)
+    name, impl = _implementation(q)
+    if name == "triton":  # the kernels take the log-sum-exp
+        stats = stats[0] + stats[1]
     dq, dk, dv, dbias = impl.backward(
-        dout, q, k, v, bias, mask, out, lse, scale=scale, softcap=softcap, mask_value=mask_value, causal=causal,
+        dout, q, k, v, bias, mask, out, stats, scale=scale, softcap=softcap, mask_value=mask_value, causal=causal,
         window_left=window_left, window_right=window_right, dropout_p=dropout_p, seed=seed, bias_grad=bias_grad)
     dbias = q.new_empty(0) if dbias is None else dbias.contiguous()
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
 
 
 @bwd.register_fake
-def _(dout, q, k, v, bias, mask, out, lse, scale, softcap, mask_value, causal, window_left, window_right, dropout_p,
+def _(dout, q, k, v, bias, mask, out, stats, scale, softcap, mask_value, causal, window_left, window_right, dropout_p,
       seed, bias_grad):
     dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias_grad else q.new_empty(0)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -88,9 +95,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, bias, mask, seed, *output)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, bias, mask, seed, out, lse = ctx.saved_tensors
-    dq, dk, dv, dbias = bwd(dout, q, k, v, bias, mask, out, lse, *ctx.flags.values(), seed, ctx.bias_grad)
+def _backward(ctx, dout, _dstats):
+    q, k, v, bias, mask, seed, out, stats = ctx.saved_tensors
+    dq, dk, dv, dbias = bwd(dout, q, k, v, bias, mask, out, stats, *ctx.flags.values(), seed, ctx.bias_grad)
     return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None, None, None, None, None, None, None
 
 

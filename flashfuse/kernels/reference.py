@@ -10,7 +10,11 @@ Every implementation of the op computes, for q (B, Hq, Nq, D), k (B, Hkv, Nk, D)
     p = softmax(s, -1); p = dropout(p)
     out = p @ v                               (q's dtype)
 
-and lse = logsumexp(s, -1) in fp32. A row whose every key is -inf gives NaN, as the formula does.
+and the row statistics `stats` (2, B, Hq, Nq) in fp32: stats[0] the row max of s, stats[1] the log of
+sum(exp(s - max)), so logsumexp(s) = stats[0] + stats[1]. They are kept apart because a row whose
+keys are all filled with a huge finite value (finfo.min: a padded query) has a max near -3.4e38,
+where adding the log of the sum is lost to rounding; the backward needs both to recompute p.
+A row whose every key is -inf gives NaN, as the formula does, with stats[0] = -inf.
 
 `naive` materializes the (Nq, Nk) scores in float64; tests and benchmarks share it.
 `forward` / `backward` run blockwise over keys with an online softmax, so extra memory is
@@ -120,14 +124,23 @@ def _fused_args(q, k, v, bias, causal):
     return k, v, bias, causal
 
 
+SATURATED = -1e8  # a row max below this (and finite) cannot carry its log-sum in one fp32 number
+
+
+def _saturated(lse):
+    return bool(((lse < SATURATED) & torch.isfinite(lse)).any())
+
+
 def forward(q, k, v, bias, mask, *, scale, softcap, mask_value, causal, window_left, window_right, dropout_p, seed):
-    """Blockwise online-softmax forward. Returns out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32."""
+    """Blockwise online-softmax forward. Returns out (B, Hq, Nq, Dv) in q's dtype and stats (2, B, Hq, Nq)."""
     nq, nk = q.shape[2], k.shape[2]
     if _cpu_fused_ok(q, k, bias, mask, softcap, causal, window_left, window_right, dropout_p):
         kx, vx, bx, is_causal = _fused_args(q, k, v, bias, causal)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, kx, vx, 0.0, is_causal, attn_mask=bx, scale=scale)
-        return out, lse.to(lse_dtype(q.dtype))
+        if not _saturated(lse):
+            lse = lse.to(stats_dtype(q.dtype))
+            return out, torch.stack([lse, torch.zeros_like(lse)])
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, hq, _, dv = *q.shape[:3], v.shape[-1]
     m = torch.full((b, hq, nq, 1), float("-inf"), dtype=acc, device=q.device)
@@ -147,15 +160,17 @@ def forward(q, k, v, bias, mask, *, scale, softcap, mask_value, causal, window_l
             p = p * dropout_keep(seed, (b, hq, nq, nk), dropout_p, q.device, start, end) / (1.0 - dropout_p)
         o = o * alpha + torch.matmul(p, vx[:, :, start:end].to(acc))
         m = m_new
-    lse = (m + torch.log(l)).squeeze(-1)
-    return (o / l).to(q.dtype), lse.to(lse_dtype(q.dtype))
+    stats = torch.stack([m.squeeze(-1), torch.log(l).squeeze(-1)]).to(stats_dtype(q.dtype))
+    return (o / l).to(q.dtype), stats
 
 
-def backward(dout, q, k, v, bias, mask, out, lse, *, scale, softcap, mask_value, causal, window_left, window_right,
-             dropout_p, seed, bias_grad):
-    """Blockwise backward, recomputing p from lse. Returns dq, dk, dv (shapes of q, k, v) and dbias or None."""
+def backward(dout, q, k, v, bias, mask, out, stats, *, scale, softcap, mask_value, causal, window_left,
+             window_right, dropout_p, seed, bias_grad):
+    """Blockwise backward, recomputing p from stats. Returns dq, dk, dv (shapes of q, k, v) and dbias or None."""
     nq, nk = q.shape[2], k.shape[2]
-    if _cpu_fused_ok(q, k, bias, mask, softcap, causal, window_left, window_right, dropout_p, bias_grad):
+    lse = stats[0] + stats[1]
+    if _cpu_fused_ok(q, k, bias, mask, softcap, causal, window_left, window_right, dropout_p, bias_grad) \
+            and not _saturated(lse):
         kx, vx, bx, is_causal = _fused_args(q, k, v, bias, causal)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.contiguous(), q, kx, vx, out, lse, 0.0, is_causal, attn_mask=bx, scale=scale)
@@ -165,9 +180,11 @@ def backward(dout, q, k, v, bias, mask, out, lse, *, scale, softcap, mask_value,
     hkv = k.shape[1]
     do = dout.to(acc)
     delta = (do * out.to(acc)).sum(-1, keepdim=True)  # rowsum(dO * O): (B, Hq, Nq, 1)
-    lse_ = lse.to(acc)[..., None]
-    # rows with lse = -inf saw no key; give them p = 0 so nothing leaks into the gradients
-    lse_ = torch.where(torch.isinf(lse_) & (lse_ < 0), torch.full_like(lse_, float("inf")), lse_)
+    row_max, log_sum = stats[0].to(acc)[..., None], stats[1].to(acc)[..., None]
+    # rows that saw no key (max -inf) get p = 0, so nothing leaks into the gradients
+    empty = torch.isneginf(row_max)
+    row_max = torch.where(empty, torch.full_like(row_max, float("inf")), row_max)
+    log_sum = torch.where(empty, torch.zeros_like(log_sum), log_sum)
     kx, vx = _expand_kv(k, hq).to(acc), _expand_kv(v, hq).to(acc)
     qa = q.to(acc)
     dq = torch.zeros_like(qa)
@@ -177,7 +194,7 @@ def backward(dout, q, k, v, bias, mask, out, lse, *, scale, softcap, mask_value,
     for start in range(0, nk, KEY_BLOCK):
         end = min(start + KEY_BLOCK, nk)
         s = _scores(q, k, bias, mask, scale, softcap, mask_value, causal, window_left, window_right, start, end)
-        p = torch.exp(s - lse_)
+        p = torch.exp((s - row_max) - log_sum)
         dp = torch.matmul(do, vx[:, :, start:end].transpose(-1, -2))
         if dropout_p > 0.0:
             keep = dropout_keep(seed, (b, hq, nq, nk), dropout_p, q.device, start, end) / (1.0 - dropout_p)
@@ -210,6 +227,6 @@ def _group_sum(t, hkv):
     return t.reshape(b, hkv, hq // hkv, n, d).sum(2)
 
 
-def lse_dtype(dtype):
-    """The log-sum-exp is fp32, or fp64 for fp64 inputs."""
+def stats_dtype(dtype):
+    """The row statistics are fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

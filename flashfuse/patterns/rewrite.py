@@ -149,8 +149,8 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
               float(plan.mask_value), bool(plan.causal), -1, -1, float(plan.dropout_p), seed)
     out = b(operator.getitem, fused, 0)
     if plan.zero_empty_rows:
-        lse = b(operator.getitem, fused, 1)
-        out = b("masked_fill", out, b(torch.unsqueeze, b(torch.isneginf, lse), -1), 0.0, method=True)
+        row_max = b(operator.getitem, b(operator.getitem, fused, 1), 0)
+        out = b("masked_fill", out, b(torch.unsqueeze, b(torch.isneginf, row_max), -1), 0.0, method=True)
     want = meta(plan.output)
     while meta(out).dim() > want.dim():
         out = b(torch.squeeze, out, 0)
