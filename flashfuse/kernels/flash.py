@@ -13,7 +13,8 @@ __all__ = ["forward", "backward", "dropout_keep_mask"]
 
 
 def forward(q, k, v, bias, mask, *, scale, softcap, mask_value, causal, window_left, window_right, dropout_p, seed):
-    """Returns out (B, Hq, Nq, Dv) in q's dtype, contiguous, and lse (B, Hq, Nq) fp32 (natural log)."""
+    """Returns out (B, Hq, Nq, Dv) in q's dtype, contiguous, and stats (2, B, Hq, Nq) fp32: each row's max
+    score and log-sum, so logsumexp = stats[0] + stats[1] (reference.py says why they are kept apart)."""
     if q.dtype == torch.float64:
         return reference.forward(q, k, v, bias, mask, scale=scale, softcap=softcap, mask_value=mask_value,
                                  causal=causal, window_left=window_left, window_right=window_right,
@@ -26,14 +27,17 @@ def forward(q, k, v, bias, mask, *, scale, softcap, mask_value, causal, window_l
     return flash_fwd.forward(q, k, v, bias, as_bytes(mask), seed, spec)
 
 
-def backward(dout, q, k, v, bias, mask, out, lse, *, scale, softcap, mask_value, causal, window_left, window_right,
+def backward(dout, q, k, v, bias, mask, out, stats, *, scale, softcap, mask_value, causal, window_left, window_right,
              dropout_p, seed, bias_grad):
-    """Returns dq, dk, dv (shapes and dtypes of q, k, v) and dbias (bias's shape and dtype) or None."""
+    """Returns dq, dk, dv (shapes and dtypes of q, k, v) and dbias (bias's shape and dtype) or None.
+
+    stats: as forward returns them; a (B, Hq, Nq) log-sum-exp is taken too (exact except on rows whose max
+    is a huge finite fill)."""
     if q.dtype == torch.float64:
-        return reference.backward(dout, q, k, v, bias, mask, out, lse, scale=scale, softcap=softcap,
+        return reference.backward(dout, q, k, v, bias, mask, out, stats, scale=scale, softcap=softcap,
                                   mask_value=mask_value, causal=causal, window_left=window_left,
                                   window_right=window_right, dropout_p=dropout_p, seed=seed, bias_grad=bias_grad)
     spec = make_spec(bias, mask, scale=scale, softcap=softcap, mask_value=mask_value, causal=causal,
                      window_left=window_left, window_right=window_right, dropout_p=dropout_p)
     seed = None if dropout_p == 0.0 else seed
-    return flash_bwd.backward(dout, q, k, v, bias, as_bytes(mask), out, lse, seed, spec, bias_grad)
+    return flash_bwd.backward(dout, q, k, v, bias, as_bytes(mask), out, stats, seed, spec, bias_grad)

@@ -1,6 +1,6 @@
 """Flash-attention backward: delta preprocess, a dK/dV kernel and a dQ kernel, no atomics on dQ/dK/dV.
 
-P is recomputed from the saved lse. dK/dV programs own BLOCK_N keys of one KV head and loop over the q heads
+P is recomputed from the forward's row stats (max, log-sum). dK/dV programs own BLOCK_N keys of one KV head and loop over the q heads
 of its group (GQA reduced in registers) and their visible query blocks; they also write dBias, reduced
 over its broadcast dims (atomics only where a broadcast dim makes programs share an element). dQ programs own
 BLOCK_M queries and loop over visible keys, like the forward.
@@ -14,7 +14,7 @@ from flashfuse.kernels.flash_common import _band, _dot, _dropout_keep, _score_ti
 
 
 @triton.jit
-def _bwd_preprocess(Out, dO, Lse, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd, n_heads, n_queries,
+def _bwd_preprocess(Out, dO, Stats, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd, n_heads, n_queries,
                     DV: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta = rowsum(dO * O): (B, Hq, Nq); 0 on rows that saw no key (their O is NaN)
     pid_bh = tl.program_id(1)
@@ -27,12 +27,26 @@ def _bwd_preprocess(Out, dO, Lse, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd,
     do = tl.load(dO + b * sdb + h * sdh + i[:, None] * sdm + d[None, :] * sdd, mask=valid, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row = pid_bh.to(tl.int64) * n_queries + i
-    lse = tl.load(Lse + row, mask=i < n_queries, other=0.0)
-    tl.store(Delta + row, tl.where(lse == float("-inf"), 0.0, delta), mask=i < n_queries)
+    row_max = tl.load(Stats + row, mask=i < n_queries, other=0.0)
+    tl.store(Delta + row, tl.where(row_max == float("-inf"), 0.0, delta), mask=i < n_queries)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Lse, Delta, sqm, sqd, sdm, sdd, row0,
+def _row_stats(Stats, rows, n_stats, valid, MASKED: tl.constexpr):
+    """Row max and log-sum for recomputing p = exp(s - max - logsum); rows out of range or that saw no key
+    get max = +inf and logsum = 0, so their p is 0, never NaN."""
+    if MASKED:
+        row_max = tl.load(Stats + rows, mask=valid, other=float("inf"))
+        log_sum = tl.load(Stats + n_stats + rows, mask=valid, other=0.0)
+    else:
+        row_max = tl.load(Stats + rows)
+        log_sum = tl.load(Stats + n_stats + rows)
+    empty = row_max == float("-inf")
+    return tl.where(empty, float("inf"), row_max), tl.where(empty, 0.0, log_sum)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Stats, n_stats, Delta, sqm, sqd, sdm, sdd, row0,
                 Bias, bias_off, sbm, sbn, Mask, mask_off, smm, smn, DBias, dbias_off, sdbm, sdbn, seed,
                 n_queries, n_keys, shift, left, right, scale, softcap, mask_value, dropout_p,
                 D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
@@ -52,15 +66,12 @@ def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Lse, Delta, sqm, sqd, sdm, sdd, 
         if MASKED:
             qt = tl.load(qt_ptrs, mask=(offs_d[:, None] < D) & (i[None, :] < n_queries), other=0.0)
             do = tl.load(do_ptrs, mask=(i[:, None] < n_queries) & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(Lse + row0 + i, mask=i < n_queries, other=float("inf"))
             delta = tl.load(Delta + row0 + i, mask=i < n_queries, other=0.0)
         else:
             qt = tl.load(qt_ptrs, mask=offs_d[:, None] < D, other=0.0)
             do = tl.load(do_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
-            lse = tl.load(Lse + row0 + i)
             delta = tl.load(Delta + row0 + i)
-        # a row that saw no key has lse = -inf: make its p 0, not NaN
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        row_max, log_sum = _row_stats(Stats, row0 + i, n_stats, i < n_queries, MASKED)
         qkt = _dot(k, qt, None, PRECISION)  # (BLOCK_N, BLOCK_M)
         ic = tl.minimum(i, n_queries - 1)
         s, t, keep = _score_tile(qkt, i[None, :], j[:, None], n_keys, shift, left, right, scale, softcap,
@@ -68,9 +79,9 @@ def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Lse, Delta, sqm, sqd, sdm, sdd, 
                                  (mask_off + ic * smm)[None, :], smn, HAS_BIAS, HAS_MASK, SOFTCAP, RAW,
                                  HAS_LEFT, HAS_RIGHT, MASKED)
         if RAW:
-            pt = tl.exp2(s * qk_scale - (lse * 1.4426950408889634)[None, :])
+            pt = tl.exp2(s * qk_scale - ((row_max + log_sum) * 1.4426950408889634)[None, :])
         else:
-            pt = tl.exp2((s - lse[None, :]) * 1.4426950408889634)
+            pt = tl.exp2((s - row_max[None, :]) * 1.4426950408889634 - (log_sum * 1.4426950408889634)[None, :])
         # -- dV += P^T dO; dP^T = V dO^T ----
         dpt = _dot(v, tl.trans(do), None, PRECISION)
         if DROPOUT:
@@ -106,10 +117,10 @@ def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Lse, Delta, sqm, sqd, sdm, sdd, 
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Seed, DBias, dK, dV,
+def _dkdv_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, DBias, dK, dV,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
                  sbb, sbh, sbm, sbn, smb, smh, smm, smn, sdbb, sdbh, sdbm, sdbn,
-                 n_heads, n_kv_heads, n_queries, n_keys, group, scale, softcap, mask_value, left, right, dropout_p,
+                 n_heads, n_kv_heads, n_queries, n_keys, group, n_stats, scale, softcap, mask_value, left, right, dropout_p,
                  N_BUCKET, CASE,
                  D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, RAW: tl.constexpr,
@@ -149,17 +160,17 @@ def _dkdv_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Seed, DBias, dK, dV,
         mask_off = b * smb + h * smh
         dbias_off = b * sdbb + h * sdbh
         # stage 1: queries right of the band's full blocks (diagonal, window edge); 2: mask-free; 3: the rest
-        dk, dv = _dkdv_inner(dk, dv, k, v, j, lo, mid_lo, q_h, do_h, Lse, Delta, sqm, sqd, sdm, sdd, row0,
+        dk, dv = _dkdv_inner(dk, dv, k, v, j, lo, mid_lo, q_h, do_h, Stats, n_stats, Delta, sqm, sqd, sdm, sdd, row0,
                              Bias, bias_off, sbm, sbn, Mask, mask_off, smm, smn, DBias, dbias_off, sdbm, sdbn, seed,
                              n_queries, n_keys, shift, left, right, scale, softcap, mask_value, dropout_p,
                              D, DV, HEAD_D, HEAD_DV, BLOCK_M, HAS_BIAS, HAS_MASK, SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT,
                              DROPOUT, BIAS_GRAD, DB_Q1, DB_K1, DB_ATOMIC, True, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, j, mid_lo, mid_hi, q_h, do_h, Lse, Delta, sqm, sqd, sdm, sdd, row0,
+        dk, dv = _dkdv_inner(dk, dv, k, v, j, mid_lo, mid_hi, q_h, do_h, Stats, n_stats, Delta, sqm, sqd, sdm, sdd, row0,
                              Bias, bias_off, sbm, sbn, Mask, mask_off, smm, smn, DBias, dbias_off, sdbm, sdbn, seed,
                              n_queries, n_keys, shift, left, right, scale, softcap, mask_value, dropout_p,
                              D, DV, HEAD_D, HEAD_DV, BLOCK_M, HAS_BIAS, HAS_MASK, SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT,
                              DROPOUT, BIAS_GRAD, DB_Q1, DB_K1, DB_ATOMIC, False, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, j, mid_hi, hi, q_h, do_h, Lse, Delta, sqm, sqd, sdm, sdd, row0,
+        dk, dv = _dkdv_inner(dk, dv, k, v, j, mid_hi, hi, q_h, do_h, Stats, n_stats, Delta, sqm, sqd, sdm, sdd, row0,
                              Bias, bias_off, sbm, sbn, Mask, mask_off, smm, smn, DBias, dbias_off, sdbm, sdbn, seed,
                              n_queries, n_keys, shift, left, right, scale, softcap, mask_value, dropout_p,
                              D, DV, HEAD_D, HEAD_DV, BLOCK_M, HAS_BIAS, HAS_MASK, SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT,
@@ -174,7 +185,7 @@ def _dkdv_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Seed, DBias, dK, dV,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, i, row, lo, hi, K, V, skn, skd, svn, svd, Bias, bias_off, sbn, Mask, mask_off,
+def _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, hi, K, V, skn, skd, svn, svd, Bias, bias_off, sbn, Mask, mask_off,
               smn, seed, n_keys, shift, left, right, scale, softcap, mask_value, dropout_p,
               D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -200,9 +211,9 @@ def _dq_inner(dq, q, do, lse, delta, i, row, lo, hi, K, V, skn, skd, svn, svd, B
                                  mask_value, Bias, bias_off[:, None], sbn, Mask, mask_off[:, None], smn,
                                  HAS_BIAS, HAS_MASK, SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT, MASKED)
         if RAW:
-            p = tl.exp2(s * qk_scale - (lse * 1.4426950408889634)[:, None])
+            p = tl.exp2(s * qk_scale - ((row_max + log_sum) * 1.4426950408889634)[:, None])
         else:
-            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            p = tl.exp2((s - row_max[:, None]) * 1.4426950408889634 - (log_sum * 1.4426950408889634)[:, None])
         dp = _dot(do, vt, None, PRECISION)
         if DROPOUT:
             kept = _dropout_keep(seed, row[:, None], j[None, :], n_keys, dropout_p)
@@ -217,10 +228,10 @@ def _dq_inner(dq, q, do, lse, delta, i, row, lo, hi, K, V, skn, skd, svn, svd, B
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Seed, dQ,
+def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
                sbb, sbh, sbm, sbn, smb, smh, smm, smn,
-               n_heads, n_queries, n_keys, group, scale, softcap, mask_value, left, right, dropout_p,
+               n_heads, n_queries, n_keys, group, n_stats, scale, softcap, mask_value, left, right, dropout_p,
                N_BUCKET, CASE,
                D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, RAW: tl.constexpr,
@@ -236,14 +247,13 @@ def _dq_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Seed, dQ,
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
     shift = n_keys - n_queries
-    # load q, dO, lse, delta: they stay in registers throughout
+    # load q, dO, row stats, delta: they stay in registers throughout
     q_valid = (i[:, None] < n_queries) & (offs_d[None, :] < D)
     q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + offs_d[None, :] * sqd, mask=q_valid, other=0.0)
     do = tl.load(dO + b * sdb + h * sdh + i[:, None] * sdm + offs_dv[None, :] * sdd,
                  mask=(i[:, None] < n_queries) & (offs_dv[None, :] < DV), other=0.0)
     row = (b * n_heads + h) * n_queries + i
-    lse = tl.load(Lse + row, mask=i < n_queries, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    row_max, log_sum = _row_stats(Stats, row, n_stats, i < n_queries, True)
     delta = tl.load(Delta + row, mask=i < n_queries, other=0.0)
     K += b * skb + hkv * skh
     V += b * svb + hkv * svh
@@ -256,15 +266,15 @@ def _dq_kernel(Q, K, V, dO, Lse, Delta, Bias, Mask, Seed, dQ,
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     lo, mid_lo, mid_hi, hi = _band(m0, n_keys, shift, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     # stage 1: masked blocks left of the band; 2: mask-free band; 3: diagonal, window edge, ragged tail
-    dq = _dq_inner(dq, q, do, lse, delta, i, row, lo, mid_lo, K, V, skn, skd, svn, svd, Bias, bias_off, sbn, Mask,
+    dq = _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, mid_lo, K, V, skn, skd, svn, svd, Bias, bias_off, sbn, Mask,
                    mask_off, smn, seed, n_keys, shift, left, right, scale, softcap, mask_value, dropout_p,
                    D, DV, HEAD_D, HEAD_DV, BLOCK_N, HAS_BIAS, HAS_MASK, SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT, DROPOUT,
                    True, PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, i, row, mid_lo, mid_hi, K, V, skn, skd, svn, svd, Bias, bias_off, sbn,
+    dq = _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, mid_lo, mid_hi, K, V, skn, skd, svn, svd, Bias, bias_off, sbn,
                    Mask, mask_off, smn, seed, n_keys, shift, left, right, scale, softcap, mask_value, dropout_p,
                    D, DV, HEAD_D, HEAD_DV, BLOCK_N, HAS_BIAS, HAS_MASK, SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT, DROPOUT,
                    False, PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, i, row, mid_hi, hi, K, V, skn, skd, svn, svd, Bias, bias_off, sbn, Mask,
+    dq = _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, mid_hi, hi, K, V, skn, skd, svn, svd, Bias, bias_off, sbn, Mask,
                    mask_off, smn, seed, n_keys, shift, left, right, scale, softcap, mask_value, dropout_p,
                    D, DV, HEAD_D, HEAD_DV, BLOCK_N, HAS_BIAS, HAS_MASK, SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT, DROPOUT,
                    True, PRECISION)
@@ -287,16 +297,19 @@ def _launch(tuned, plain, kind, blocks, args, flags, head):
         tuned[blocks](*args, **flags)
 
 
-def backward(dout, q, k, v, bias, mask, out, lse, seed, spec, bias_grad):
-    """Launch preprocess, dK/dV and dQ. mask is uint8. Returns dq, dk, dv, dbias (or None)."""
+def backward(dout, q, k, v, bias, mask, out, stats, seed, spec, bias_grad):
+    """Launch preprocess, dK/dV and dQ. mask is uint8; stats (2, B, Hq, Nq) as the forward wrote them, or a
+    (B, Hq, Nq) log-sum-exp. Returns dq, dk, dv, dbias (or None)."""
     from flashfuse.kernels.flash_fwd import head_pad
     b, hq, nq, d = q.shape
     hkv, nk, dv_ = k.shape[1], k.shape[2], v.shape[-1]
     head_d, head_dv = head_pad(d), head_pad(dv_)
-    lse = lse.contiguous()
-    delta = torch.empty_like(lse)
+    if stats.dim() == 3:  # a log-sum-exp alone: max = lse, log-sum = 0
+        stats = torch.stack([stats, torch.zeros_like(stats)])
+    stats = stats.float().contiguous()
+    delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=q.device)
     pre_block = 32 if configs.INTERPRET else 64
-    _bwd_preprocess[(triton.cdiv(nq, pre_block), b * hq)](out, dout, lse, delta, *out.stride(), *dout.stride(), hq, nq,
+    _bwd_preprocess[(triton.cdiv(nq, pre_block), b * hq)](out, dout, stats, delta, *out.stride(), *dout.stride(), hq, nq,
                                                            DV=dv_, HEAD_DV=head_dv, BLOCK_M=pre_block)
     dq = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, hkv, nk, d), dtype=k.dtype, device=k.device)
@@ -322,11 +335,11 @@ def backward(dout, q, k, v, bias, mask, out, lse, seed, spec, bias_grad):
                  DROPOUT=spec.dropout_p > 0.0, PRECISION=precision(q.dtype))
     head = max(head_d, head_dv)
     _launch(_dkdv_tuned, _dkdv_kernel, "dkdv", lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hkv),
-            (q, k, v, dout, lse, delta, bias_, mask_, seed_, dbias, dk, dv, *common,
-             *broadcast_strides(dbias if bias_grad else None), hq, hkv, nq, nk, hq // hkv, *scalars),
+            (q, k, v, dout, stats, delta, bias_, mask_, seed_, dbias, dk, dv, *common,
+             *broadcast_strides(dbias if bias_grad else None), hq, hkv, nq, nk, hq // hkv, b * hq * nq, *scalars),
             dict(flags, BIAS_GRAD=bias_grad, DB_Q1=db_q1, DB_K1=db_k1, DB_ATOMIC=db_atomic), head)
     _launch(_dq_tuned, _dq_kernel, "dq", lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq),
-            (q, k, v, dout, lse, delta, bias_, mask_, seed_, dq, *common, hq, nq, nk, hq // hkv, *scalars),
+            (q, k, v, dout, stats, delta, bias_, mask_, seed_, dq, *common, hq, nq, nk, hq // hkv, b * hq * nq, *scalars),
             flags, head)
     if not bias_grad:
         return dq, dk, dv, None

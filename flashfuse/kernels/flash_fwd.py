@@ -69,10 +69,10 @@ def _fwd_inner(acc, l_i, m_i, q, i, row, lo, hi, K, V, skn, skd, svn, svd, Bias,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Lse,
+def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Stats,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sbb, sbh, sbm, sbn, smb, smh, smm, smn,
-                n_heads, n_queries, n_keys, group, scale, softcap, mask_value, left, right, dropout_p,
+                n_heads, n_queries, n_keys, group, n_stats, scale, softcap, mask_value, left, right, dropout_p,
                 N_BUCKET, CASE,
                 D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, RAW: tl.constexpr,
@@ -121,17 +121,18 @@ def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Lse,
                                sbn, Mask, mask_off, smn, seed, n_keys, shift, left, right, scale, softcap,
                                mask_value, dropout_p, D, DV, HEAD_D, HEAD_DV, BLOCK_N, HAS_BIAS, HAS_MASK,
                                SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT, DROPOUT, True, PRECISION)
-    # epilogue: a row that saw no key has l = 0 and m = -inf: out 0/0 = NaN and lse -inf, as the formula gives
+    # epilogue: a row that saw no key has l = 0 and m = -inf: out 0/0 = NaN, as the formula gives
     out = acc / l_i[:, None]
     if DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     if RAW:
-        lse = m_i * scale + tl.log(l_i)
-    else:
-        lse = m_i + tl.log(l_i)
+        m_i = m_i * scale
     o_ptrs = Out + pid_bh.to(tl.int64) * n_queries * DV + i[:, None] * DV + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(i[:, None] < n_queries) & (offs_dv[None, :] < DV))
-    tl.store(Lse + pid_bh.to(tl.int64) * n_queries + i, lse, mask=i < n_queries)
+    # stats (2, B, Hq, Nq): the row max and the log-sum apart (a max near -3.4e38 would swallow the log-sum)
+    stat_ptrs = Stats + pid_bh.to(tl.int64) * n_queries + i
+    tl.store(stat_ptrs, m_i, mask=i < n_queries)
+    tl.store(stat_ptrs + n_stats, tl.log(l_i), mask=i < n_queries)
 
 
 _fwd_tuned = triton.autotune(configs.FWD, key=["N_BUCKET", "CASE", "HEAD_D", "HEAD_DV", "RAW", "HAS_BIAS"],
@@ -143,15 +144,15 @@ def head_pad(d):
 
 
 def forward(q, k, v, bias, mask, seed, spec):
-    """Launch the forward kernel. mask is uint8 (see flash_common.as_bytes). Returns out, lse (fp32)."""
+    """Launch the forward kernel. mask is uint8 (see flash_common.as_bytes). Returns out, stats (fp32)."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.empty((b, hq, nq, dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
+    stats = torch.empty((2, b, hq, nq), dtype=torch.float32, device=q.device)
     head_d, head_dv = head_pad(d), head_pad(dv)
-    args = (q, k, v, q if bias is None else bias, q if mask is None else mask, q if seed is None else seed, out, lse,
+    args = (q, k, v, q if bias is None else bias, q if mask is None else mask, q if seed is None else seed, out, stats,
             *q.stride(), *k.stride(), *v.stride(), *broadcast_strides(bias), *broadcast_strides(mask),
-            hq, nq, nk, hq // hkv, spec.scale, spec.softcap, spec.mask_value, spec.left, spec.right, spec.dropout_p,
+            hq, nq, nk, hq // hkv, b * hq * nq, spec.scale, spec.softcap, spec.mask_value, spec.left, spec.right, spec.dropout_p,
             configs.length_bucket(max(nq, nk)), spec.case)
     flags = dict(D=d, DV=dv, HEAD_D=head_d, HEAD_DV=head_dv, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                  SOFTCAP=spec.softcap != 0.0, RAW=spec.raw, HAS_LEFT=spec.has_left, HAS_RIGHT=spec.has_right,
@@ -163,4 +164,4 @@ def forward(q, k, v, bias, mask, seed, spec):
     else:
         grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
         _fwd_tuned[grid](*args, **flags)
-    return out, lse
+    return out, stats
