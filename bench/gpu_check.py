@@ -1,0 +1,213 @@
+"""GPU check of the flash kernels: correctness at realistic sizes, then timing against SDPA's backends.
+
+    python bench/gpu_check.py                 # correctness + timing table (fixed configs)
+    python bench/gpu_check.py --autotune      # the same with Triton's autotuner on the timed shapes
+    python bench/gpu_check.py --no-bench      # correctness only
+    compute-sanitizer --tool memcheck python bench/gpu_check.py --sanitize   # tiny ragged shapes only
+
+Correctness compares out, logsumexp and every gradient with the float64 oracle (reference._scores,
+softmax, autograd) by ||x - ref|| / ||ref|| under flashfuse.tolerances. Timing: median of
+triton.testing.do_bench; FLOPs fwd = 4 * B * H * Nq * Nk * D (x0.5 causal), bwd = 2.5 x fwd.
+"""
+import argparse
+import os
+import sys
+
+ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ARGS.add_argument("--autotune", action="store_true", help="autotune the timed shapes (slow: compiles every config)")
+ARGS.add_argument("--no-bench", action="store_true", help="correctness only")
+ARGS.add_argument("--sanitize", action="store_true", help="tiny ragged shapes, correctness only (for compute-sanitizer)")
+ARGS.add_argument("--only", default="", help="run only cases whose name contains this")
+OPTS = ARGS.parse_args()
+os.environ.setdefault("FLASHFUSE_AUTOTUNE", "1" if OPTS.autotune else "0")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from flashfuse.kernels import flash, reference  # noqa: E402
+from flashfuse.tolerances import FORWARD, GRADIENT, TF32, relative_error  # noqa: E402
+
+DEV = "cuda"
+
+
+def _oracle(q, k, v, bias, mask, keep, p, flags):
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    bias = None if bias is None else bias.detach().double().requires_grad_()
+    s = reference._scores(q, k, bias, mask, flags["scale"], flags["softcap"], flags["mask_value"], flags["causal"],
+                          flags["window_left"], flags["window_right"], 0, k.shape[2])
+    dead = torch.isneginf(s).all(-1, keepdim=True)
+    lse = torch.logsumexp(s, -1)
+    prob = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
+    del s
+    if keep is not None:
+        prob = prob * keep / (1.0 - p)
+    out = prob @ reference._expand_kv(v, q.shape[1])
+    return out.masked_fill(dead, float("nan")), lse, (q, k, v, bias)
+
+
+def _err(a, b):
+    a, b = a.double(), b.double()
+    ok = torch.isfinite(b)
+    if not torch.equal(ok, torch.isfinite(a)):
+        return float("inf")
+    return relative_error(a[ok], b[ok])
+
+
+def check(name, b, hq, hkv, nq, nk, d, dv=None, dtype=torch.bfloat16, causal=False, window=(-1, -1), bias=None,
+          mask=None, mask_value=float("-inf"), softcap=0.0, dropout_p=0.0, layout="bhnd", tf32=False):
+    dv = d if dv is None else dv
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    mk = (lambda s: torch.randn(s[0], s[2], s[1], s[3], device=DEV, dtype=dtype).transpose(1, 2)) \
+        if layout == "bnhd" else (lambda s: torch.randn(s, device=DEV, dtype=dtype))
+    q, k, v = mk((b, hq, nq, d)), mk((b, hkv, nk, d)), mk((b, hkv, nk, dv))
+    bias_t = None if bias is None else torch.randn(bias, device=DEV, dtype=dtype)
+    mask_t = None if mask is None else torch.rand(mask, device=DEV) > 0.2
+    seed = torch.tensor([42], dtype=torch.int64, device=DEV) if dropout_p else None
+    flags = dict(scale=d ** -0.5, softcap=softcap, mask_value=mask_value, causal=causal, window_left=window[0],
+                 window_right=window[1], dropout_p=dropout_p)
+    out, stats = flash.forward(q, k, v, bias_t, mask_t, seed=seed, **flags)
+    dout = torch.randn_like(out)
+    grads = flash.backward(dout, q, k, v, bias_t, mask_t, out, stats, seed=seed, bias_grad=bias_t is not None,
+                           **flags)
+    torch.cuda.synchronize()
+    keep = flash.dropout_keep_mask(seed, (b, hq, nq, nk), dropout_p, DEV) if dropout_p else None
+    ref_out, ref_lse, leaves = _oracle(q, k, v, bias_t, mask_t, keep, dropout_p, flags)
+    ref_out.backward(torch.nan_to_num(dout.double()))
+    errs = {"out": _err(out, ref_out), "lse": _err(stats[0].double() + stats[1].double(), ref_lse)}
+    for n, g, leaf in zip(("dq", "dk", "dv", "dbias"), grads, leaves):
+        if leaf is not None and leaf.grad is not None and g is not None:
+            errs[n] = relative_error(g, leaf.grad) if torch.isfinite(g).all() else float("inf")
+    if dtype == torch.float32 and tf32:
+        tol_f, tol_g = TF32["forward"], TF32["gradient"]
+    else:
+        tol_f, tol_g = FORWARD[dtype], GRADIENT[dtype]
+    ok = all(e < (tol_f if n in ("out", "lse") else tol_g) for n, e in errs.items())
+    print(f"{'ok ' if ok else 'BAD'} {name:<34} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+    del ref_out, leaves
+    torch.cuda.empty_cache()
+    return ok
+
+
+CASES = [
+    ("nc 2x4x2048 d64 fp16", dict(b=2, hq=4, hkv=4, nq=2048, nk=2048, d=64, dtype=torch.float16)),
+    ("causal 1x2x8192 d128", dict(b=1, hq=2, hkv=2, nq=8192, nk=8192, d=128, causal=True)),
+    ("causal 1x2x4096 d256", dict(b=1, hq=2, hkv=2, nq=4096, nk=4096, d=256, causal=True)),
+    ("gqa 1x8/2x2048 d128 causal", dict(b=1, hq=8, hkv=2, nq=2048, nk=2048, d=128, causal=True)),
+    ("bias B1NN 2x4x1024 d128", dict(b=2, hq=4, hkv=4, nq=1024, nk=1024, d=128, bias=(2, 1, 1024, 1024))),
+    ("bias 1H1N+mask 2x4x2048 d64", dict(b=2, hq=4, hkv=4, nq=2048, nk=2048, d=64, bias=(1, 4, 1, 2048),
+                                         mask=(2, 1, 1, 2048))),
+    ("window(256,0) 1x4x4096 d128", dict(b=1, hq=4, hkv=4, nq=4096, nk=4096, d=128, window=(256, 0))),
+    ("ragged 2x3x1000x1531 d96 fp16", dict(b=2, hq=3, hkv=3, nq=1000, nk=1531, d=96, dtype=torch.float16,
+                                           mask=(2, 3, 1000, 1531), softcap=30.0, layout="bnhd")),
+    ("d80/dv160 causal 1x2x777x1200", dict(b=1, hq=2, hkv=1, nq=777, nk=1200, d=80, dv=160, causal=True)),
+    ("finfo.min mask 1x2x512 d64", dict(b=1, hq=2, hkv=2, nq=512, nk=512, d=64, mask=(1, 1, 512, 1),
+                                        mask_value=-3.4e38)),
+    ("dropout 1x2x1024 d64", dict(b=1, hq=2, hkv=2, nq=1024, nk=1024, d=64, dropout_p=0.1, causal=True)),
+    ("fp32 ieee 1x2x1024 d64", dict(b=1, hq=2, hkv=2, nq=1024, nk=1024, d=64, dtype=torch.float32)),
+    ("fp32 tf32 1x2x1024 d64", dict(b=1, hq=2, hkv=2, nq=1024, nk=1024, d=64, dtype=torch.float32, tf32=True)),
+    ("decode 4x32/8 q1 k16384 d128", dict(b=4, hq=32, hkv=8, nq=1, nk=16384, d=128)),
+    ("decode 2x16/2 q16 k8192 causal", dict(b=2, hq=16, hkv=2, nq=16, nk=8192, d=128, causal=True)),
+    ("decode q4 k5000 bias window d64", dict(b=2, hq=4, hkv=2, nq=4, nk=5000, d=64, bias=(2, 4, 4, 5000),
+                                             window=(1000, 0))),
+]
+
+SANITIZE = [
+    ("san ragged causal", dict(b=1, hq=2, hkv=1, nq=77, nk=131, d=40, dv=24, causal=True, bias=(1, 2, 77, 131))),
+    ("san window mask", dict(b=2, hq=2, hkv=2, nq=130, nk=65, d=72, window=(20, 3), mask=(2, 1, 130, 1),
+                             layout="bnhd")),
+    ("san bias bcast", dict(b=2, hq=4, hkv=2, nq=33, nk=190, d=64, bias=(1, 4, 1, 190), dropout_p=0.2)),
+    ("san decode", dict(b=2, hq=8, hkv=2, nq=3, nk=1000, d=128, causal=True, bias=(2, 1, 3, 1000))),
+    ("san d256", dict(b=1, hq=1, hkv=1, nq=100, nk=100, d=256, causal=True)),
+]
+
+
+# -- timing ------------------------------------------------------------------------------------------------------
+
+def _time(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _sdpa(backend, q, k, v, causal, gqa):
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    return run
+
+
+def bench_shape(b, h, hkv, n, d, causal, dtype=torch.bfloat16):
+    q = torch.randn(b, h, n, d, device=DEV, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, hkv, n, d, device=DEV, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, hkv, n, d, device=DEV, dtype=dtype, requires_grad=True)
+    flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
+    flags = dict(scale=d ** -0.5, softcap=0.0, mask_value=float("-inf"), causal=causal, window_left=-1,
+                 window_right=-1, dropout_p=0.0)
+    rows = []
+    out, stats = flash.forward(q, k, v, None, None, seed=None, **flags)
+    dout = torch.randn_like(out)
+    fwd = _time(lambda: flash.forward(q, k, v, None, None, seed=None, **flags))
+    bwd = _time(lambda: flash.backward(dout, q, k, v, None, None, out, stats, seed=None, bias_grad=False, **flags))
+    rows.append(("flashfuse", fwd, bwd))
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        run = _sdpa(backend, q, k, v, causal, hkv != h)
+        try:
+            o = run()
+            f = _time(run)
+            fb = _time(lambda: torch.autograd.grad(run(), (q, k, v), dout))
+            rows.append((name, f, fb - f))
+            del o
+        except RuntimeError as e:
+            rows.append((name + " (refused)", float("nan"), float("nan")))
+            print(f"  {name}: {str(e).splitlines()[0][:90]}")
+    shape = f"{b}x{h}{'/' + str(hkv) if hkv != h else ''}x{n}x{d}"
+    for impl, f, bw in rows:
+        print(f"| {shape:<16} | {'c' if causal else 'nc':<2} | {impl:<15} | {f:7.3f} | {flops / f * 1e-9:5.0f} "
+              f"| {bw:7.3f} | {2.5 * flops / bw * 1e-9:5.0f} |", flush=True)
+
+
+def bench_decode(b, h, hkv, nk, d, dtype=torch.bfloat16):
+    q = torch.randn(b, h, 1, d, device=DEV, dtype=dtype)
+    k = torch.randn(b, hkv, nk, d, device=DEV, dtype=dtype)
+    v = torch.randn(b, hkv, nk, d, device=DEV, dtype=dtype)
+    nbytes = 2 * k.numel() * k.element_size()
+    flags = dict(scale=d ** -0.5, softcap=0.0, mask_value=float("-inf"), causal=False, window_left=-1,
+                 window_right=-1, dropout_p=0.0)
+    rows = [("flashfuse", _time(lambda: flash.forward(q, k, v, None, None, seed=None, **flags)))]
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            rows.append((name, _time(_sdpa(backend, q, k, v, False, True))))
+        except RuntimeError:
+            rows.append((name + " (refused)", float("nan")))
+    for impl, t in rows:
+        print(f"| decode {b}x{h}/{hkv} Nk={nk} | {impl:<15} | {t * 1e3:8.1f} us | {nbytes / t * 1e-9:5.2f} TB/s |",
+              flush=True)
+
+
+def main():
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"autotune {os.environ['FLASHFUSE_AUTOTUNE']}", flush=True)
+    cases = SANITIZE if OPTS.sanitize else CASES
+    bad = 0
+    for name, kw in cases:
+        if OPTS.only in name:
+            bad += not check(name, **kw)
+    print(f"correctness: {len(cases) - bad}/{len(cases)} ok", flush=True)
+    if OPTS.sanitize or OPTS.no_bench:
+        return bad
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print("| B x H x N x D | c | impl | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for b, h, hkv, n, d in ((16, 16, 16, 1024, 64), (8, 16, 16, 2048, 128), (4, 16, 16, 4096, 128),
+                            (1, 16, 16, 16384, 128), (4, 16, 4, 4096, 128)):
+        for causal in (False, True):
+            bench_shape(b, h, hkv, n, d, causal)
+    for nk in (4096, 16384, 65536):
+        bench_decode(8, 32, 4, nk, 128)
+    return bad
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main() else 0)
