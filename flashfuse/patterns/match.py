@@ -455,5 +455,10 @@ def sdpa_plan(node) -> Optional[Plan]:
         plan.causal = True
     elif causal is not False:
         raise Refuse("SDPA with a non-constant is_causal")
+    if args["enable_gqa"] is True:
+        hq, hk = _tensor(q).shape[-3], _tensor(k).shape[-3]
+        if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
+            raise Refuse(f"SDPA enable_gqa with {hq} query heads and {hk} key heads")
+        plan.k.group = plan.v.group = hq // hk
     plan.zero_empty_rows = True
     return plan

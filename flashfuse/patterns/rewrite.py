@@ -4,6 +4,7 @@ New nodes get FakeTensor metadata computed from their inputs' metadata, so later
 (inductor's included) see a well-formed graph. The rewrite is transactional: nodes are built
 first, and uses are switched over only when every one of them was built.
 """
+import contextlib
 import operator
 
 import torch
@@ -43,9 +44,11 @@ def _value(fn, args, kwargs, method):
             return type(a)(unwrap(x) for x in a)
         return a
     args, kwargs = unwrap(args), {k: unwrap(v) for k, v in kwargs.items()}
-    if method:
-        return getattr(args[0], fn)(*args[1:], **kwargs)
-    return fn(*args, **kwargs)
+    fake_mode = next((a.fake_mode for a in args if hasattr(a, "fake_mode")), None)
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        if method:
+            return getattr(args[0], fn)(*args[1:], **kwargs)
+        return fn(*args, **kwargs)
 
 
 def _shape(node):

@@ -1,0 +1,294 @@
+"""One test per spelling the matcher supports, and near misses it must leave alone.
+
+Every program is compiled with flashfuse and checked against eager: forward and gradients,
+and the number of rewritten sites (0 for the near misses).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flashfuse.testing import assert_equivalent
+
+B, H, HKV, NQ, NK, D = 2, 4, 2, 10, 13, 16
+FAST = {"compiler": "eager"}
+MIN = torch.finfo(torch.float32).min
+
+
+def rand(*shape, grad=True, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+def qkv(nq=NQ, nk=NK, d=D, hkv=H, dtype=torch.float32):
+    return rand(B, H, nq, d, dtype=dtype), rand(B, hkv, nk, d, dtype=dtype), rand(B, hkv, nk, d, dtype=dtype)
+
+
+def padding_mask(nk=NK):
+    keep = torch.ones(B, 1, 1, nk, dtype=torch.bool)
+    keep[0, ..., : nk // 3] = False
+    return keep
+
+
+def tril(nq=NQ, nk=NK):
+    return torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
+
+
+def repeat_kv(x, n):
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+# ---------------------------------------------------------------- scale spellings
+
+SCALES = {
+    "div_after": lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), -1) @ v,
+    "mul_after": lambda q, k, v: torch.softmax(torch.matmul(q, k.transpose(2, 3)) * D**-0.5, -1) @ v,
+    "on_q": lambda q, k, v: torch.softmax((q * D**-0.5) @ k.transpose(-2, -1), -1) @ v,
+    "on_k": lambda q, k, v: torch.softmax(q @ (k / 4.0).transpose(-2, -1), -1) @ v,
+    "quarter_on_both": lambda q, k, v: torch.softmax((q * D**-0.25) @ (k * D**-0.25).mT, -1) @ v,
+    "zero_dim_tensor": lambda q, k, v: torch.softmax(q @ k.mT / torch.full([], math.sqrt(D)), -1) @ v,
+    "tensor_constant": lambda q, k, v: torch.softmax(q @ k.mT * torch.tensor(0.3), -1) @ v,
+    "none": lambda q, k, v: torch.softmax(q @ k.mT, -1) @ v,
+    "after_bias": lambda q, k, v: torch.softmax((q @ k.mT + torch.ones(NK) * 0.5) * 0.2, -1) @ v,
+    "twice": lambda q, k, v: torch.softmax((q * 0.5) @ k.mT / 2.0 * 0.7, -1) @ v,
+}
+
+
+@pytest.mark.parametrize("name", SCALES)
+def test_scale_spellings(name):
+    assert_equivalent(SCALES[name], *qkv(), expected_sites=1, options=FAST)
+
+
+def test_scale_is_folded_into_one_scalar():
+    sites = assert_equivalent(SCALES["quarter_on_both"], *qkv(), expected_sites=1, options=FAST)
+    assert sites[0].spec["scale"] == pytest.approx(D**-0.5)
+    sites = assert_equivalent(SCALES["div_after"], *qkv(), expected_sites=1, options=FAST)
+    assert sites[0].spec["scale"] == pytest.approx(D**-0.5)
+
+
+def test_runtime_zero_dim_scale():
+    temperature = torch.tensor(0.7, requires_grad=True)
+    fn = lambda q, k, v, t: torch.softmax(q @ k.mT * t, -1) @ v  # noqa: E731
+    assert_equivalent(fn, *qkv(), temperature, expected_sites=1, options=FAST)
+
+
+def test_baddbmm_alpha_and_beta():
+    q, k, v = (rand(B * H, n, D) for n in (NQ, NK, NK))
+    alibi = rand(B * H, 1, NK)
+    fn = lambda q, k, v, a: torch.bmm(torch.baddbmm(a, q, k.transpose(1, 2), beta=1.0, alpha=0.25).softmax(-1), v)  # noqa: E731,E501
+    assert_equivalent(fn, q, k, v, alibi, expected_sites=1, options=FAST)
+    method = lambda q, k, v, a: torch.bmm(a.baddbmm(q, k.transpose(1, 2), beta=0.5, alpha=0.3).softmax(-1), v)  # noqa: E731,E501
+    assert_equivalent(method, q, k, v, alibi, expected_sites=1, options=FAST)
+    empty = lambda q, k, v: torch.bmm(  # noqa: E731  GPT-2's reorder_and_upcast_attn
+        torch.baddbmm(torch.empty(B * H, NQ, NK), q, k.transpose(-1, -2), beta=0, alpha=0.25).softmax(-1), v)
+    assert_equivalent(empty, q, k, v, expected_sites=1, options=FAST)
+
+
+# ---------------------------------------------------------------- softcap, bias, masks
+
+def test_softcap():
+    fn = lambda q, k, v: torch.softmax(30.0 * torch.tanh(q @ k.mT * 0.25 / 30.0), -1) @ v  # noqa: E731
+    sites = assert_equivalent(fn, *qkv(), expected_sites=1, options=FAST)
+    assert sites[0].spec["softcap"] == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize("shape", [(B, 1, 1, NK), (1, H, 1, NK), (1, H, NQ, NK), (B, H, NQ, NK), (NQ, NK), (NK,)])
+def test_bias_shapes(shape):
+    fn = lambda q, k, v, bias: torch.softmax(q @ k.mT * 0.25 + bias, -1) @ v  # noqa: E731
+    sites = assert_equivalent(fn, *qkv(), rand(*shape), expected_sites=1, options=FAST)
+    assert sites[0].spec["bias"] is True
+
+
+def test_padding_mask_as_finfo_min_bias_with_empty_rows():
+    keep = padding_mask() & tril()  # causal with left padding: some queries see no key
+    bias = torch.where(keep, 0.0, MIN)
+    fn = lambda q, k, v, bias: torch.softmax(q @ k.mT * 0.25 + bias, -1) @ v  # noqa: E731
+    assert_equivalent(fn, *qkv(), bias, expected_sites=1, options=FAST)
+
+
+def test_commuted_bias_and_subtraction():
+    fn = lambda q, k, v, b: torch.softmax(b + q @ k.mT * 0.25 - b * 0.5, -1) @ v  # noqa: E731
+    assert_equivalent(fn, *qkv(), rand(1, H, NQ, NK), expected_sites=1, options=FAST)
+
+
+MASKS = {
+    "masked_fill_inf": lambda s, keep: s.masked_fill(~keep, float("-inf")),
+    "masked_fill_min_eq0": lambda s, keep: s.masked_fill(keep.long() == 0, MIN),
+    "where_keep": lambda s, keep: torch.where(keep, s, float("-inf")),
+    "where_hide": lambda s, keep: torch.where(~keep, MIN, s),
+    "large_negative": lambda s, keep: s.masked_fill(~keep, -1e9),
+    "torch_masked_fill": lambda s, keep: torch.masked_fill(s, ~keep, -10000.0),
+    "two_masks": lambda s, keep: s.masked_fill(~keep, -1e9).masked_fill(~tril(), -1e9),
+}
+
+
+@pytest.mark.parametrize("name", MASKS)
+def test_bool_mask_spellings(name):
+    spell = MASKS[name]
+    fn = lambda q, k, v, keep: torch.softmax(spell(q @ k.mT * 0.25, keep), -1) @ v  # noqa: E731
+    sites = assert_equivalent(fn, *qkv(), padding_mask(), expected_sites=1, options=FAST)
+    assert sites[0].spec["mask"] is True
+
+
+def test_causal_buffer_slice():
+    buffer = torch.ones(32, 32, dtype=torch.bool).tril().view(1, 1, 32, 32)
+    fn = lambda q, k, v: torch.softmax(  # noqa: E731  nanoGPT
+        (q @ k.mT * 0.25).masked_fill(buffer[:, :, :NQ, :NQ] == 0, float("-inf")), -1) @ v
+    assert_equivalent(fn, *qkv(nk=NQ), expected_sites=1, options=FAST)
+
+
+# ---------------------------------------------------------------- softmax forms, dtypes, dropout
+
+SOFTMAXES = {
+    "functional": lambda s: F.softmax(s, dim=-1),
+    "method": lambda s: s.softmax(-1),
+    "module": lambda s: nn.Softmax(dim=-1)(s),
+    "torch": lambda s: torch.softmax(s, dim=3),
+    "dtype_fp32_to": lambda s: F.softmax(s, dim=-1, dtype=torch.float32).to(s.dtype),
+    "float_type_as": lambda s: s.float().softmax(-1).type_as(s),
+    "type": lambda s: F.softmax(s.to(torch.float32), -1).type(s.dtype),
+}
+
+
+@pytest.mark.parametrize("name", SOFTMAXES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_spellings(name, dtype):
+    sm = SOFTMAXES[name]
+    fn = lambda q, k, v: sm(q @ k.mT * 0.25) @ v  # noqa: E731
+    assert_equivalent(fn, *qkv(dtype=dtype), expected_sites=1, options=FAST)
+
+
+def test_dropout_in_eval_and_training():
+    drop = nn.Dropout(0.1).eval()
+    fn = lambda q, k, v: F.dropout(drop(torch.softmax(q @ k.mT * 0.25, -1)), 0.2, training=False) @ v  # noqa: E731
+    assert_equivalent(fn, *qkv(), expected_sites=1, options=FAST)
+    train = lambda q, k, v: F.dropout(torch.softmax(q @ k.mT * 0.25, -1), 0.3, training=True) @ v  # noqa: E731
+    q, k, v = qkv()
+    from flashfuse.testing import compile_and_report
+    compiled, sites = compile_and_report(train, FAST)
+    out = compiled(q, k, v)
+    assert out.shape == (B, H, NQ, D) and torch.isfinite(out).all()
+    assert sites[0].rewritten and sites[0].spec["dropout_p"] == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------- GQA, layouts, products
+
+def test_gqa_repeat_kv_is_absorbed():
+    q, k, v = qkv(hkv=HKV)
+    fn = lambda q, k, v: torch.softmax(q @ repeat_kv(k, H // HKV).mT * 0.25, -1) @ repeat_kv(v, H // HKV)  # noqa: E731
+    sites = assert_equivalent(fn, q, k, v, expected_sites=1, options=FAST)
+    assert sites[0].spec["gqa"] == H // HKV
+
+
+def test_repeat_interleave_and_mqa_broadcast():
+    q, k, v = qkv(hkv=HKV)
+    fn = lambda q, k, v: torch.softmax(  # noqa: E731
+        q @ k.repeat_interleave(2, dim=1).mT * 0.25, -1) @ v.repeat_interleave(2, dim=1)
+    assert_equivalent(fn, q, k, v, expected_sites=1, options=FAST)
+    q, k, v = qkv(hkv=1)
+    mqa = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v  # noqa: E731
+    assert_equivalent(mqa, q, k, v, expected_sites=1, options=FAST)
+
+
+def test_bmm_over_flattened_heads():
+    def bart(x, wq, wk, wv):
+        q = (x @ wq * D**-0.5).view(B, NQ, H, D).transpose(1, 2).reshape(B * H, NQ, D)
+        k = (x @ wk).view(B, NQ, H, D).transpose(1, 2).reshape(B * H, NQ, D)
+        v = (x @ wv).view(B, NQ, H, D).transpose(1, 2).reshape(B * H, NQ, D)
+        p = torch.bmm(q, k.transpose(1, 2)).softmax(-1)
+        return torch.bmm(p, v).view(B, H, NQ, D).transpose(1, 2).reshape(B, NQ, H * D)
+    x, ws = rand(B, NQ, H * D), [rand(H * D, H * D) for _ in range(3)]
+    assert_equivalent(bart, x, *ws, expected_sites=1, options=FAST)
+
+
+def test_fused_qkv_permute_unbind_and_output_layout():
+    def timm_attention(x, w):
+        q, k, v = (x @ w).reshape(B, NQ, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q * D**-0.5
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return (attn @ v).transpose(1, 2).reshape(B, NQ, H * D)
+    assert_equivalent(timm_attention, rand(B, NQ, H * D), rand(H * D, 3 * H * D), expected_sites=1, options=FAST)
+
+
+def test_key_permuted_straight_to_transposed_layout():
+    def whisper_old(x, wq, wk, wv):
+        q = (x @ wq).view(B, NQ, H, D).permute(0, 2, 1, 3) * D**-0.25
+        k = (x @ wk).view(B, NQ, H, D).permute(0, 2, 3, 1) * D**-0.25
+        v = (x @ wv).view(B, NQ, H, D).permute(0, 2, 1, 3)
+        return (torch.softmax((q @ k).float(), dim=-1).to(q.dtype) @ v).permute(0, 2, 1, 3).flatten(2)
+    x, ws = rand(B, NQ, H * D), [rand(H * D, H * D) for _ in range(3)]
+    assert_equivalent(whisper_old, x, *ws, expected_sites=1, options=FAST)
+
+
+def test_einsum_products():
+    fn = lambda q, k, v: torch.einsum(  # noqa: E731
+        "bhqk,bhkd->bhqd", torch.einsum("bhqd,bhkd->bhqk", q, k).mul(0.25).softmax(-1), v)
+    assert_equivalent(fn, *qkv(), expected_sites=1, options=FAST)
+
+
+def test_in_place_ops():
+    def fn(q, k, v, bias, keep):
+        s = q @ k.mT
+        s /= 4.0
+        s += bias
+        s.masked_fill_(~keep, float("-inf"))
+        return s.softmax(-1) @ v
+    assert_equivalent(fn, *qkv(), rand(1, H, NQ, NK), padding_mask(), expected_sites=1, options=FAST)
+
+
+def test_sdpa_calls_are_routed():
+    q, k, v = qkv(nk=NQ)
+    fn = lambda q, k, v, m: (F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
+                             + F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3))
+    keep = padding_mask(NQ) & tril(NQ, NQ)
+    assert_equivalent(fn, q, k, v, keep, expected_sites=2, options=FAST)
+    gqa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    assert_equivalent(gqa, *qkv(hkv=HKV), expected_sites=1, options=FAST)
+
+
+def test_inductor_compiles_the_rewritten_graph():
+    fn = lambda q, k, v, b: torch.softmax(q @ k.mT * 0.25 + b, -1) @ v  # noqa: E731
+    assert_equivalent(fn, *qkv(), rand(B, 1, 1, NK), expected_sites=1)
+
+
+# ---------------------------------------------------------------- near misses: left alone, still correct
+
+def test_softmax_over_queries_is_not_attention():
+    fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.25, dim=-2) @ v  # noqa: E731
+    assert_equivalent(fn, *qkv(nk=NQ), expected_sites=0, options=FAST)
+
+
+def test_returned_weights_are_left_alone():
+    def fn(q, k, v):
+        w = torch.softmax(q @ k.mT * 0.25, -1)
+        return w @ v, w
+    assert_equivalent(fn, *qkv(), expected_sites=0, options=FAST)
+
+
+def test_missing_transpose_with_n_equal_d():
+    fn = lambda q, k, v: torch.softmax(q @ k * 0.25, -1) @ v  # noqa: E731  k is (B, H, N, D) with N == D
+    assert_equivalent(fn, *qkv(nq=D, nk=D), expected_sites=0, options=FAST)
+
+
+def test_mask_after_softmax():
+    fn = lambda q, k, v, keep: torch.softmax(q @ k.mT * 0.25, -1).masked_fill(~keep, 0.0) @ v  # noqa: E731
+    assert_equivalent(fn, *qkv(), padding_mask(), expected_sites=0, options=FAST)
+
+
+def test_scores_reused_elsewhere():
+    def fn(q, k, v):
+        s = q @ k.mT * 0.25
+        return torch.softmax(s, -1) @ v, s.mean()
+    assert_equivalent(fn, *qkv(), expected_sites=0, options=FAST)
+
+
+def test_value_contracted_over_features():
+    fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.25, -1) @ v.mT  # noqa: E731  v is (B, H, N, D) with N == D
+    assert_equivalent(fn, *qkv(nq=D, nk=D), expected_sites=0, options=FAST)
+
+
+def test_small_fill_value_is_not_a_mask():
+    fn = lambda q, k, v, keep: torch.softmax((q @ k.mT).masked_fill(~keep, -5.0), -1) @ v  # noqa: E731
+    assert_equivalent(fn, *qkv(), padding_mask(), expected_sites=0, options=FAST)
