@@ -18,6 +18,8 @@ ARGS.add_argument("--autotune", action="store_true", help="autotune the timed sh
 ARGS.add_argument("--no-bench", action="store_true", help="correctness only")
 ARGS.add_argument("--sanitize", action="store_true", help="tiny ragged shapes, correctness only (for compute-sanitizer)")
 ARGS.add_argument("--only", default="", help="run only cases whose name contains this")
+ARGS.add_argument("--bench-only", action="store_true", help="timing only")
+ARGS.add_argument("--shapes", default="all", help="timing shapes: all, or main (4k d128 and 1k d64)")
 OPTS = ARGS.parse_args()
 os.environ.setdefault("FLASHFUSE_AUTOTUNE", "1" if OPTS.autotune else "0")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -168,6 +170,11 @@ def bench_shape(b, h, hkv, n, d, causal, dtype=torch.bfloat16):
               f"| {bw:7.3f} | {2.5 * flops / bw * 1e-9:5.0f} |", flush=True)
 
 
+def _time_graph(fn):
+    """GPU time alone: replay a CUDA graph of fn (decode is short enough for launch overhead to show)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
 def bench_decode(b, h, hkv, nk, d, dtype=torch.bfloat16):
     q = torch.randn(b, h, 1, d, device=DEV, dtype=dtype)
     k = torch.randn(b, hkv, nk, d, device=DEV, dtype=dtype)
@@ -175,21 +182,24 @@ def bench_decode(b, h, hkv, nk, d, dtype=torch.bfloat16):
     nbytes = 2 * k.numel() * k.element_size()
     flags = dict(scale=d ** -0.5, softcap=0.0, mask_value=float("-inf"), causal=False, window_left=-1,
                  window_right=-1, dropout_p=0.0)
-    rows = [("flashfuse", _time(lambda: flash.forward(q, k, v, None, None, seed=None, **flags)))]
+    ours = lambda: flash.forward(q, k, v, None, None, seed=None, **flags)  # noqa: E731
+    rows = [("flashfuse", ours)]
     for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        rows.append((name, _sdpa(backend, q, k, v, False, True)))
+    for impl, fn in rows:
         try:
-            rows.append((name, _time(_sdpa(backend, q, k, v, False, True))))
+            fn()
+            t, tg = _time(fn), _time_graph(fn)
         except RuntimeError:
-            rows.append((name + " (refused)", float("nan")))
-    for impl, t in rows:
-        print(f"| decode {b}x{h}/{hkv} Nk={nk} | {impl:<15} | {t * 1e3:8.1f} us | {nbytes / t * 1e-9:5.2f} TB/s |",
-              flush=True)
+            t = tg = float("nan")
+        print(f"| decode {b}x{h}/{hkv} Nk={nk} | {impl:<15} | {t * 1e3:7.1f} us | {tg * 1e3:7.1f} us "
+              f"| {nbytes / tg * 1e-9:5.2f} TB/s |", flush=True)
 
 
 def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"autotune {os.environ['FLASHFUSE_AUTOTUNE']}", flush=True)
-    cases = SANITIZE if OPTS.sanitize else CASES
+    cases = [] if OPTS.bench_only else SANITIZE if OPTS.sanitize else CASES
     bad = 0
     for name, kw in cases:
         if OPTS.only in name:
@@ -200,10 +210,15 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     print("| B x H x N x D | c | impl | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s |")
     print("|---|---|---|---|---|---|---|")
-    for b, h, hkv, n, d in ((16, 16, 16, 1024, 64), (8, 16, 16, 2048, 128), (4, 16, 16, 4096, 128),
-                            (1, 16, 16, 16384, 128), (4, 16, 4, 4096, 128)):
+    shapes = ((16, 16, 16, 1024, 64), (8, 16, 16, 2048, 128), (4, 16, 16, 4096, 128), (1, 16, 16, 16384, 128),
+              (4, 16, 4, 4096, 128), (2, 16, 16, 4096, 256))
+    if OPTS.shapes == "main":
+        shapes = ((16, 16, 16, 1024, 64), (4, 16, 16, 4096, 128))
+    for b, h, hkv, n, d in shapes:
         for causal in (False, True):
             bench_shape(b, h, hkv, n, d, causal)
+    print("| decode | impl | eager | CUDA graph | K/V read |")
+    print("|---|---|---|---|---|")
     for nk in (4096, 16384, 65536):
         bench_decode(8, 32, 4, nk, 128)
     return bad

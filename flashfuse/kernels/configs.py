@@ -22,27 +22,24 @@ def _config(bm, bn, warps, stages):
 
 def _keep_fwd(c):
     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-    # 8 warps only pay on 128-row tiles; tiny tiles never win on Hopper
-    return (c.num_warps == 8) == (bm == 128) and bm * bn >= 64 * 64
+    # Hopper: 128-row tiles want two warpgroups (8 warps), 64-row tiles one; deep pipelines only for small tiles
+    return (c.num_warps == 8) == (bm == 128) and (c.num_stages == 2 or bn <= 64)
 
 
 FWD = [c for c in (_config(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
-                   for s in (2, 3, 4)) if _keep_fwd(c)]
+                   for s in (2, 3)) if _keep_fwd(c) and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] >= 64 * 64]
 
 
 def _keep_bwd(c):
     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-    return bm <= bn and c.num_stages <= 3 and bm * bn >= 32 * 64
+    return (c.num_warps == 8) == (bm * bn >= 64 * 128) and (c.num_stages == 2 or bm * bn <= 64 * 64)
 
 
-# dK/dV programs own BLOCK_N keys and stream BLOCK_M queries; dQ programs own BLOCK_M queries
+# dK/dV programs own BLOCK_N keys and stream BLOCK_M queries; dQ programs own BLOCK_M queries and stream keys
 BWD_DKDV = [c for c in (_config(bm, bn, w, s) for bm in (32, 64) for bn in (64, 128) for w in (4, 8)
                         for s in (2, 3)) if _keep_bwd(c)]
 BWD_DQ = [c for c in (_config(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64) for w in (4, 8)
-                      for s in (2, 3)) if c.kwargs["BLOCK_M"] >= c.kwargs["BLOCK_N"]]
-
-DECODE = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-          for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+                      for s in (2, 3)) if _keep_bwd(c)]
 
 
 def _fits(c, head_d):

@@ -238,6 +238,8 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
+    if HAS_RIGHT:  # causal-like: later query blocks see more keys, so start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)

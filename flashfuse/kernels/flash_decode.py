@@ -4,6 +4,8 @@ Each program owns one KV head, a tile of packed rows (every q head of the GQA gr
 read once per group) and one chunk of keys; it writes a normalized partial output, its row max and log-sum.
 The combine kernel weighs the partials by exp(max_split - max + logsum_split) into the output and the row stats.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -102,11 +104,16 @@ def suits(q, k):
     return q.shape[2] <= MAX_QUERIES
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _splits(n_programs, n_blocks, device):
     """Enough key splits to fill about two waves of the GPU; three under the interpreter (to test combining)."""
     if configs.INTERPRET or device.type != "cuda":
         return min(n_blocks, 3)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(n_blocks, triton.cdiv(2 * sms, n_programs), 128))
 
 
