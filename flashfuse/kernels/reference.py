@@ -203,6 +203,8 @@ def backward(dout, q, k, v, bias, mask, out, stats, *, scale, softcap, mask_valu
         else:
             dv[:, :, start:end] += torch.matmul(p.transpose(-1, -2), do)
         ds = p * (dp - delta)  # gradient w.r.t. the post-bias scores
+        if mask is not None:  # a filled score is a constant: nothing flows back through it
+            ds = ds.masked_fill(~_key_slice(mask, start, end), 0.0)
         if bias_grad:
             if bias.shape[-1] == 1:
                 dbias += _sum_to(ds, bias.shape)
