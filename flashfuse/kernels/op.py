@@ -45,8 +45,6 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[
     out, stats = impl.forward(q, k, v, bias, mask, scale=scale, softcap=softcap, mask_value=mask_value,
                               causal=causal, window_left=window_left, window_right=window_right, dropout_p=dropout_p,
                               seed=seed)
-    if stats.dim() == 3:  # kernels that return the log-sum-exp alone
-        stats = torch.stack([stats, torch.zeros_like(stats)])
     return out.contiguous(), stats.contiguous()
 
 
@@ -61,9 +59,7 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], m
         stats: Tensor, scale: float, softcap: float, mask_value: float, causal: bool, window_left: int,
         window_right: int, dropout_p: float, seed: Optional[Tensor],
         bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    name, impl = _implementation(q)
-    if name == "triton":  # the kernels take the log-sum-exp
-        stats = stats[0] + stats[1]
+    _, impl = _implementation(q)
     dq, dk, dv, dbias = impl.backward(
         dout, q, k, v, bias, mask, out, stats, scale=scale, softcap=softcap, mask_value=mask_value, causal=causal,
         window_left=window_left, window_right=window_right, dropout_p=dropout_p, seed=seed, bias_grad=bias_grad)
