@@ -20,20 +20,20 @@ def _padding(batch, seq):
 
 def gpt2(batch=2, seq=12, generator=None):
     from transformers import GPT2Config, GPT2Model
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, attn_implementation="eager")
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, attn_implementation="eager")
     return GPT2Model(cfg), {"input_ids": _ids(batch, seq, generator), "attention_mask": _padding(batch, seq)}
 
 
 def bert(batch=2, seq=12, generator=None):
     from transformers import BertConfig, BertModel
-    cfg = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=64,
                      vocab_size=VOCAB, max_position_embeddings=64, attn_implementation="eager")
     return BertModel(cfg), {"input_ids": _ids(batch, seq, generator), "attention_mask": _padding(batch, seq)}
 
 
 def distilbert(batch=2, seq=12, generator=None):
     from transformers import DistilBertConfig, DistilBertModel
-    cfg = DistilBertConfig(n_layers=2, dim=32, n_heads=4, hidden_dim=64, vocab_size=VOCAB,
+    cfg = DistilBertConfig(n_layers=2, dim=64, n_heads=4, hidden_dim=64, vocab_size=VOCAB,
                            max_position_embeddings=64, attn_implementation="eager")
     return DistilBertModel(cfg), {"input_ids": _ids(batch, seq, generator), "attention_mask": _padding(batch, seq)}
 
@@ -56,7 +56,7 @@ def mistral(batch=2, seq=12, generator=None):
 
 def t5(batch=2, seq=12, generator=None):
     from transformers import T5Config, T5Model
-    cfg = T5Config(num_layers=2, num_decoder_layers=2, d_model=32, d_kv=8, num_heads=4, d_ff=64,
+    cfg = T5Config(num_layers=2, num_decoder_layers=2, d_model=64, d_kv=16, num_heads=4, d_ff=64,
                    vocab_size=VOCAB, attn_implementation="eager")
     inputs = {"input_ids": _ids(batch, seq, generator), "attention_mask": _padding(batch, seq),
               "decoder_input_ids": _ids(batch, seq - 3, generator)}
@@ -65,7 +65,7 @@ def t5(batch=2, seq=12, generator=None):
 
 def vit(batch=2, generator=None, **_):
     from transformers import ViTConfig, ViTModel
-    cfg = ViTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+    cfg = ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=64,
                     image_size=32, patch_size=8, attn_implementation="eager")
     return ViTModel(cfg), {"pixel_values": torch.randn(batch, 3, 32, 32, generator=generator)}
 
@@ -73,7 +73,7 @@ def vit(batch=2, generator=None, **_):
 def timm_vit(batch=2, generator=None, **_):
     import timm
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                              num_classes=10)
+                              num_classes=10, embed_dim=64, num_heads=4)
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
