@@ -125,10 +125,29 @@ def _fused_args(q, k, v, bias, causal):
 
 
 SATURATED = -1e8  # a row max below this (and finite) cannot carry its log-sum in one fp32 number
+HUGE_FILL = -1e30  # fills this large swallow any score added to them in fp32
 
 
 def _saturated(lse):
     return bool(((lse < SATURATED) & torch.isfinite(lse)).any())
+
+
+def _fused_stats(lse, bias, causal):
+    """Row stats from aten's log-sum-exp, or None when a saturated row's stats cannot be recovered.
+
+    A saturated row (a padded query: every key filled with ~finfo.min by the bias) has scores equal
+    to the bias there, so its max is the bias row's max and its sum counts the keys at that max.
+    """
+    saturated = (lse < SATURATED) & torch.isfinite(lse)
+    if not bool(saturated.any()):
+        return torch.stack([lse, torch.zeros_like(lse)])
+    if bias is None or causal:
+        return None
+    row_max = bias.amax(-1).to(lse.dtype).expand_as(lse)
+    if not bool((row_max[saturated] <= HUGE_FILL).all()):
+        return None
+    count = (bias == bias.amax(-1, keepdim=True)).sum(-1).to(lse.dtype).expand_as(lse)
+    return torch.stack([torch.where(saturated, row_max, lse), torch.where(saturated, count.log(), 0.0)])
 
 
 def forward(q, k, v, bias, mask, *, scale, softcap, mask_value, causal, window_left, window_right, dropout_p, seed):
@@ -138,9 +157,10 @@ def forward(q, k, v, bias, mask, *, scale, softcap, mask_value, causal, window_l
         kx, vx, bx, is_causal = _fused_args(q, k, v, bias, causal)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, kx, vx, 0.0, is_causal, attn_mask=bx, scale=scale)
-        if not _saturated(lse):
-            lse = lse.to(stats_dtype(q.dtype))
-            return out, torch.stack([lse, torch.zeros_like(lse)])
+        lse = lse.to(stats_dtype(q.dtype))
+        stats = _fused_stats(lse, bias, causal)
+        if stats is not None:
+            return out, stats
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, hq, _, dv = *q.shape[:3], v.shape[-1]
     m = torch.full((b, hq, nq, 1), float("-inf"), dtype=acc, device=q.device)
