@@ -76,6 +76,11 @@ def _shape(node):
 def _copy_graph(graph):
     copy = torch.fx.Graph(owning_module=graph.owning_module)
     copy._codegen = graph._codegen
-    out = copy.graph_copy(graph, {})
+    old_to_new = {}
+    out = copy.graph_copy(graph, old_to_new)
     copy.output(out)
+    for old, new in old_to_new.items():  # extras callers hang on nodes (Dynamo's _dynamo_source)
+        for key, value in vars(old).items():
+            if key not in vars(new):
+                setattr(new, key, value)
     return copy

@@ -340,6 +340,8 @@ def _after_softmax(softmax, plan):
             p = user
         else:
             v = _value_product(user, p)
+            if user.op == "output":
+                raise Refuse("the attention weights are returned")
             if v is None:
                 raise Refuse(f"the attention weights feed {user.name}, not a p.v product")
             plan.v = Operand(v)

@@ -1,0 +1,122 @@
+"""The public surface: flashfuse.attention's checks, the backend's options, explain, and failing closed."""
+import logging
+
+import pytest
+import torch
+
+import flashfuse
+from flashfuse import backend, passes
+from flashfuse.kernels import reference
+from flashfuse.testing import assert_equivalent
+from flashfuse.tolerances import FORWARD, GRADIENT, relative_error
+
+
+def qkv(b=2, h=4, hkv=4, nq=9, nk=11, d=16, dv=16, dtype=torch.float32):
+    return (torch.randn(b, h, nq, d, dtype=dtype), torch.randn(b, hkv, nk, d, dtype=dtype),
+            torch.randn(b, hkv, nk, dv, dtype=dtype))
+
+
+def test_attention_matches_the_oracle_with_every_feature():
+    q, k, v = (t.requires_grad_() for t in qkv(hkv=2, nq=7, dv=24))
+    bias = torch.randn(1, 4, 1, 11, requires_grad=True)
+    keep = torch.rand(2, 1, 7, 11) > 0.2
+    keep[..., -1] = True  # every query sees at least its last key
+    kwargs = dict(scale=0.3, causal=True, window=(6, -1), softcap=5.0)
+    out = flashfuse.attention(q, k, v, bias=bias, mask=keep, **kwargs)
+    ref = reference.naive(q, k, v, bias, keep, scale=0.3, causal=True, window_left=6, softcap=5.0)
+    assert relative_error(out, ref) < FORWARD[torch.float32]
+    cot = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, (q, k, v, bias), cot), torch.autograd.grad(ref, (q, k, v, bias), cot)):
+        assert relative_error(a, e) < GRADIENT[torch.float32]
+
+
+@pytest.mark.parametrize("change, argument", [
+    (lambda q, k, v: (q[0], k, v), "q must be 4-D"),
+    (lambda q, k, v: (q, k.double(), v), "share one dtype"),
+    (lambda q, k, v: (q, k[:, :3], v[:, :3]), "multiple of k's head count"),
+    (lambda q, k, v: (q, k[..., :8], v), "head dim"),
+    (lambda q, k, v: (q, k, v[:, :, :5]), "v must have shape"),
+    (lambda q, k, v: (q, k[:1], v[:1]), "k has batch"),
+    (lambda q, k, v: (q.int(), k.int(), v.int()), "floating"),
+])
+def test_inconsistent_tensors_are_refused(change, argument):
+    with pytest.raises(ValueError, match=argument):
+        flashfuse.attention(*change(*qkv()))
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"bias": torch.randn(2, 4, 9, 5)}, "bias of shape"),
+    ({"bias": torch.ones(9, 11, dtype=torch.bool)}, "bias must be a floating"),
+    ({"mask": torch.ones(3, 1, 1, 11, dtype=torch.bool)}, "mask of shape"),
+    ({"mask": torch.ones(1, 11)}, "mask must be a bool"),
+    ({"window": (3,)}, "window"),
+    ({"window": (-2, 0)}, "window"),
+    ({"softcap": -1.0}, "softcap must be positive"),
+    ({"dropout_p": 1.0}, "dropout_p"),
+    ({"scale": float("nan")}, "scale"),
+    ({"causal": 1}, "causal"),
+])
+def test_bad_arguments_name_themselves(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        flashfuse.attention(*qkv(), **kwargs)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="compiler"):
+        backend.split_options({"compiler": "tvm"})
+    ours, rest = backend.split_options({"compiler": "eager", "max_autotune": True})
+    assert ours["compiler"] == "eager" and rest == {"max_autotune": True}
+
+
+def test_rewrite_can_be_switched_off():
+    fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.25, -1) @ v  # noqa: E731
+    assert_equivalent(fn, *qkv(), expected_sites=0, options={"compiler": "eager", "rewrite": False})
+
+
+def test_an_internal_error_leaves_the_site_and_warns(monkeypatch, caplog):
+    def broken(graph, plan):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(passes.rewrite, "apply", broken)
+    fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.25, -1) @ v  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="flashfuse"):
+        sites = assert_equivalent(fn, *qkv(), expected_sites=0, options={"compiler": "eager"})
+    assert "boom" in sites[0].reason and "boom" in caplog.text
+
+
+def test_an_error_outside_any_site_restores_the_graph(monkeypatch, caplog):
+    def broken(graph):
+        raise RuntimeError("bad graph")
+    monkeypatch.setattr(passes, "functionalize_inplace", broken)
+    fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.25, -1) @ v  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="flashfuse"):
+        assert_equivalent(fn, *qkv(), expected_sites=0, options={"compiler": "eager"})
+    assert "bad graph" in caplog.text
+
+
+def test_explain_reports_every_site_with_reasons():
+    def two_sites(q, k, v):
+        w = torch.softmax(q @ k.mT * 0.25, -1)
+        return torch.softmax(q @ k.mT, -1) @ v, w
+    report = flashfuse.explain(two_sites, *qkv())
+    assert [s.rewritten for s in report.sites] == [False, True]
+    assert "returned" in report.sites[0].reason
+    assert set(report.sites[1].spec) == {"scale", "causal", "window", "softcap", "bias", "mask", "gqa", "dropout_p"}
+    text = str(report)
+    assert "1 of 2 attention sites rewritten" in text and "returned" in text
+
+
+def test_backend_is_registered_by_name():
+    from torch._dynamo import list_backends
+    assert "flashfuse" in list_backends(exclude_tags=())
+
+
+def test_dynamic_shapes():
+    fn = lambda q, k, v, b: torch.softmax(q @ k.mT * 0.25 + b, -1) @ v  # noqa: E731
+    compiled = torch.compile(fn, backend="flashfuse", dynamic=True, options={"compiler": "eager"})
+    from flashfuse.kernels.op import CALLS
+    for n in (9, 14):
+        q, k, v = qkv(nq=n, nk=n)
+        b = torch.randn(2, 1, 1, n)
+        before = sum(CALLS.values())
+        assert relative_error(compiled(q, k, v, b), fn(q, k, v, b)) < FORWARD[torch.float32]
+        assert sum(CALLS.values()) == before + 1
