@@ -142,7 +142,10 @@ _fwd_tuned = triton.autotune(configs.FWD, key=["N_BUCKET", "CASE", "HEAD_D", "HE
 
 
 def head_pad(d):
-    return max(16, triton.next_power_of_2(d))
+    """Padded tile width of a head dim. On GPUs at least 64: Triton 3.6's Hopper wgmma path read shared memory
+    out of bounds (illegal address) with a 32-wide V tile (d 40 / dv 24 on an H200); masked loads keep the
+    padding at zero, so only its arithmetic is wasted."""
+    return max(16 if configs.INTERPRET else 64, triton.next_power_of_2(d))
 
 
 def forward(q, k, v, bias, mask, seed, spec):
