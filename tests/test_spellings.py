@@ -292,3 +292,16 @@ def test_value_contracted_over_features():
 def test_small_fill_value_is_not_a_mask():
     fn = lambda q, k, v, keep: torch.softmax((q @ k.mT).masked_fill(~keep, -5.0), -1) @ v  # noqa: E731
     assert_equivalent(fn, *qkv(), padding_mask(), expected_sites=0, options=FAST)
+
+
+def test_scale_that_dynamo_made_an_input():
+    # after a recompile, Dynamo passes a float argument that changed as a SymFloat graph input
+    from flashfuse.testing import compile_and_report
+    fn = lambda q, k, v, scale: torch.softmax(q @ k.mT * scale, -1) @ v  # noqa: E731
+    q, k, v = qkv()
+    with torch._dynamo.config.patch(specialize_float=False):
+        compiled, sites = compile_and_report(fn, FAST)
+        for scale in (0.37, 0.41):
+            out = compiled(q, k, v, scale)
+            assert torch.allclose(out, fn(q, k, v, scale), rtol=1e-4, atol=1e-5)
+    assert sites[-1].rewritten and sites[-1].spec["scale"] == "runtime"

@@ -54,7 +54,7 @@ class Plan:
     chain: list = field(default_factory=list)  # nodes made dead by the rewrite
 
     def spec(self):
-        return {"scale": self.scale if not self.scale_tensors else "tensor", "causal": self.causal,
+        return {"scale": self.scale if not self.scale_tensors else "runtime", "causal": self.causal,
                 "window": None, "softcap": self.softcap or None, "bias": bool(self.bias), "mask": bool(self.hide),
                 "gqa": max(self.k.group, 1) if self.k else 1, "dropout_p": self.dropout_p}
 
@@ -97,9 +97,12 @@ def constant(x):
     return None
 
 
-def _scalar_tensor(x):
-    t = _tensor(x)
-    return t is not None and t.dim() == 0 and t.is_floating_point()
+def _runtime_scalar(x):
+    """A 0-dim float tensor, or a number Dynamo made a graph input (a SymFloat after recompiles)."""
+    t = meta(x)
+    if isinstance(t, torch.Tensor):
+        return t.dim() == 0 and t.is_floating_point()
+    return isinstance(t, (torch.SymFloat, torch.SymInt, float, int)) and not isinstance(t, bool)
 
 
 # ---------------------------------------------------------------- the two products
@@ -229,7 +232,7 @@ def _fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on
             state["capped"] = True
             return
         if c is None:
-            if not _scalar_tensor(other):
+            if not _runtime_scalar(other):
                 raise Refuse(f"scores multiplied by a tensor of shape {tuple(_tensor(other).shape)}"
                              if _tensor(other) is not None else "scores multiplied by an unknown value")
             if plan.bias or plan.hide or plan.softcap:
