@@ -44,8 +44,11 @@ class Plan:
     scale: float = 1.0
     scale_tensors: list = field(default_factory=list)  # [(node, "mul" | "div")], 0-dim, applied to q
     softcap: float = 0.0
-    bias: list = field(default_factory=list)  # [(node, coefficient)]
-    hide: list = field(default_factory=list)  # bool nodes, True hides the key
+    bias: list = field(default_factory=list)  # [(node, coefficient, shape of the scores it was added to)]
+    hide: list = field(default_factory=list)  # [(bool node, True if it keeps keys, shape of the scores)]
+    scores_shape: tuple = ()  # the layout the softmax sees; q, k, v, bias and mask are brought to it
+    scores_node: Node = None  # a node of that shape, for its sizes
+    p: Node = None  # the weights as p.v reads them
     mask_value: float = float("-inf")
     dropout_p: float = 0.0
     causal: bool = False
@@ -57,6 +60,18 @@ class Plan:
         return {"scale": self.scale if not self.scale_tensors else "runtime", "causal": self.causal,
                 "window": None, "softcap": self.softcap or None, "bias": bool(self.bias), "mask": bool(self.hide),
                 "gqa": max(self.k.group, 1) if self.k else 1, "dropout_p": self.dropout_p}
+
+
+def _shape(node):
+    return tuple(meta(node).shape)
+
+
+def _keeps_last_two(view):
+    """A view of the scores that only regroups batch dims: (B*H, Nq, Nk) <-> (B, H, Nq, Nk)."""
+    src, out = meta(view.args[0]), meta(view)
+    if not isinstance(src, torch.Tensor) or src.dim() < 2 or out.dim() < 2 or out.dim() > 5:
+        return False
+    return layout.known_equal(src.shape[-1], out.shape[-1]) and layout.known_equal(src.shape[-2], out.shape[-2])
 
 
 def _tensor(x):
@@ -121,7 +136,7 @@ def _score_product(node, plan):
             raise Refuse("baddbmm with a non-constant alpha or beta")
         plan.scale *= alpha
         if beta != 0:
-            plan.bias.append((op.args["input"], beta))
+            plan.bias.append((op.args["input"], beta, _shape(node)))
     elif op.kind == "einsum":
         return _einsum_scores(node, op, plan)
     else:
@@ -201,8 +216,10 @@ def _chain_back(x, depth=0):
         return None
     candidates = {
         "mul": ("x", "y"), "div": ("x",), "add": ("x", "y"), "sub": ("x",), "masked_fill": ("x",),
-        "where": ("a", "b"), "cast": ("x",), "tanh": ("x",),
+        "where": ("a", "b"), "cast": ("x",), "tanh": ("x",), "view": ("x",),
     }.get(op.kind, ())
+    if op.kind == "view" and not _keeps_last_two(x):
+        return None
     for name in candidates:
         path = _chain_back(op.args.get(name), depth + 1)
         if path is not None:
@@ -216,8 +233,8 @@ def _fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on
     kind, args = op.kind, op.args
     if state.get("tanh") and kind != "mul":
         raise Refuse("tanh on the scores is not followed by a multiply (not a softcap)")
-    if kind == "cast":
-        return
+    if kind in ("cast", "view"):
+        return  # views keep the last two dims (checked when the chain is found)
     if kind in ("mul", "div"):
         other = args["y"] if args["x"] is prev else args["x"]
         if kind == "div" and args["x"] is not prev:
@@ -247,7 +264,7 @@ def _fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on
         if plan.hide and c < 0:
             raise Refuse("a negative scale after a mask")
         plan.scale *= c
-        plan.bias = [(b, w * c) for b, w in plan.bias]
+        plan.bias = [(b, w * c, shape) for b, w, shape in plan.bias]
         if math.isfinite(plan.mask_value):
             plan.mask_value *= c
         return
@@ -271,7 +288,7 @@ def _fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on
             raise Refuse("scores added to a non-float value")
         if plan.hide and math.isfinite(plan.mask_value):
             raise Refuse("a bias added after a finite mask fill")
-        plan.bias.append((other, sign))
+        plan.bias.append((other, sign, _shape(prev)))
         return
     if kind in ("masked_fill", "where"):
         if kind == "masked_fill":
@@ -288,7 +305,7 @@ def _fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on
             raise Refuse("a mask that is not a bool tensor")
         if plan.hide and value != plan.mask_value:
             raise Refuse("two masks with different fill values")
-        plan.hide.append((hide, negate))
+        plan.hide.append((hide, negate, _shape(prev)))
         plan.mask_value = value
         return
     raise Refuse(f"unsupported op {node.name} between the product and the softmax")
@@ -311,7 +328,7 @@ def match_softmax(softmax):
     path = _chain_back(x)
     if path is None:
         raise Refuse("no q.kT product found before the softmax")
-    plan = Plan(softmax, path[0], None)
+    plan = Plan(softmax, path[0], None, scores_shape=tuple(t.shape), scores_node=x)
     _score_product(path[0], plan)
     state = {}
     for prev, node in zip(path, path[1:]):
@@ -332,7 +349,8 @@ def _after_softmax(softmax, plan):
     while True:
         user = _single_user(p, "the attention weights")
         op = classify(user)
-        if op is not None and op.kind == "cast" and op.args["x"] is p:
+        if op is not None and (op.kind == "cast" or (op.kind == "view" and _keeps_last_two(user))) \
+                and op.args["x"] is p:
             p = user
         elif op is not None and op.kind == "dropout" and op.args["x"] is p:
             rate, training = constant(op.args["p"]), op.args["training"]
@@ -347,7 +365,7 @@ def _after_softmax(softmax, plan):
                 raise Refuse("the attention weights are returned")
             if v is None:
                 raise Refuse(f"the attention weights feed {user.name}, not a p.v product")
-            plan.v = Operand(v)
+            plan.v, plan.p = Operand(v), p
             return user
         plan.chain.append(p)
 
@@ -365,16 +383,12 @@ def _check_operands(plan):
         raise Refuse("the product does not contract k's feature (head) dim: k is not transposed")
     if not layout.is_feature_axis(v.node, -1) or layout.is_feature_axis(v.node, -2):
         raise Refuse("p.v does not contract v's token dim")
-    ranks = {_tensor(x.node).dim() for x in (q, k, v)} | {_tensor(plan.softmax).dim()}
-    if len(ranks) != 1:
-        raise Refuse(f"q, k, v and the scores have different ranks {sorted(ranks)}")
     _fold_operand_scales(plan)
-    if ranks == {4}:
-        for operand in (k, v):
-            if not operand.transpose:
-                found = layout.unrepeat_kv(operand.node)
-                if found is not None:
-                    operand.node, operand.group = found
+    for operand in (k, v):
+        if not operand.transpose and _tensor(operand.node).dim() == 4:
+            found = layout.unrepeat_kv(operand.node)
+            if found is not None:
+                operand.node, operand.group = found
 
 
 def _fold_operand_scales(plan):
@@ -435,6 +449,8 @@ def sdpa_plan(node) -> Optional[Plan]:
     ranks = {(_tensor(x).dim() if _tensor(x) is not None else -1) for x in (q, k, v)}
     if ranks not in ({4}, {3}):
         raise Refuse(f"SDPA operands of rank {sorted(ranks)}")
+    plan.scores_shape = _shape(q)[:-1] + (_shape(k)[-2],)
+    plan.scores_node = plan.p = q
     scale = constant(args["scale"]) if args["scale"] is not None else _tensor(q).shape[-1] ** -0.5
     if scale is None:
         raise Refuse("SDPA with a non-constant scale")
@@ -445,9 +461,9 @@ def sdpa_plan(node) -> Optional[Plan]:
         if t is None:
             raise Refuse("SDPA attn_mask without shape information")
         if t.dtype == torch.bool:
-            plan.hide.append((mask, True))
+            plan.hide.append((mask, True, plan.scores_shape))
         else:
-            plan.bias.append((mask, 1.0))
+            plan.bias.append((mask, 1.0, plan.scores_shape))
     dropout_p = constant(args["dropout_p"])
     if dropout_p is None:
         raise Refuse("SDPA with a non-constant dropout_p")

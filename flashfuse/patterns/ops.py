@@ -111,6 +111,8 @@ def _classify(node, key):  # noqa: C901  (one table of spellings)
             return Op("dropout", {"x": a[0], "p": _arg(node, 1, "p"), "training": _arg(node, 2, "train")})
         training = _arg(node, 2, "training", True)
         return Op("dropout", {"x": a[0], "p": _arg(node, 1, "p", 0.5), "training": training})
+    if key is torch.reshape:
+        return Op("view", {"x": a[0]})
     if key in SDPA:
         return Op("sdpa", {"q": a[0], "k": _arg(node, 1, "key"), "v": _arg(node, 2, "value"),
                            "attn_mask": _arg(node, 3, "attn_mask"), "dropout_p": _arg(node, 4, "dropout_p", 0.0),
@@ -123,6 +125,8 @@ def _classify(node, key):  # noqa: C901  (one table of spellings)
 
 def _classify_method(node, key):
     a = node.args
+    if key in ("view", "reshape") and len(a) >= 2 and not node.kwargs:
+        return Op("view", {"x": a[0]})
     if key in CAST_METHODS and len(a) == 1:
         return Op("cast", {"x": a[0], "dtype": CAST_METHODS[key]})
     if key in ("to", "type") and len(a) == 2 and isinstance(a[1], torch.dtype) and not node.kwargs:

@@ -112,10 +112,50 @@ def _is_view(node):
     return node.op == "call_function" and node.target in (torch.transpose, torch.ops.aten.mT, torch.unsqueeze)
 
 
+def _same(a, b):
+    return len(a) == len(b) and all(known_equal(x, y) for x, y in zip(a, b))
+
+
+def _regroup(b, plan, node, batch, what):
+    """An operand laid out over `batch` (its product's batch dims), reshaped to the scores' batch dims."""
+    canon = plan.scores_shape[:-2]
+    if _same(batch, canon):
+        return node
+    if not _same(_shape(node)[:-2], batch):
+        raise Refuse(f"{what} broadcasts over batch dims that the scores regroup")
+    sizes = [_size(b, plan.scores_node, i) for i in range(len(canon))]
+    return b("reshape", node, *sizes, _size(b, node, -2), _size(b, node, -1), method=True)
+
+
+def _regroup_term(b, plan, node, layout, what):
+    """A bias or mask added to scores of shape `layout`, brought to the softmax's layout."""
+    canon = plan.scores_shape[:-2]
+    if _same(layout[:-2], canon):
+        return node
+    while meta(node).dim() < 2:
+        node = b(torch.unsqueeze, node, 0)
+    shape = _shape(node)
+    lead = (1,) * (len(layout) - len(shape)) + shape[:-2]
+    tail = [_size(b, node, -2), _size(b, node, -1)]
+    if all(known_equal(n, 1) for n in lead):
+        return b("reshape", node, *([1] * len(canon)), *tail, method=True)
+    if not all(isinstance(n, int) for n in layout[:-2]):
+        raise Refuse(f"the {what} is added in a layout with symbolic batch dims that the scores regroup")
+    full = b("expand", node, *layout[:-2], -1, -1, method=True)
+    sizes = [_size(b, plan.scores_node, i) for i in range(len(canon))]
+    return b("reshape", full, *sizes, *tail, method=True)
+
+
 def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
+    if len(plan.scores_shape) > 4:
+        raise Refuse(f"scores of rank {len(plan.scores_shape)}")
     q, k, v = plan.q.node, plan.k.node, plan.v.node
     if plan.k.transpose:
         k = b(torch.transpose, k, -2, -1)
+    qk_batch = _shape(plan.product)[:-2] if plan.product is not None else plan.scores_shape[:-2]
+    pv_batch = _shape(plan.output)[:-2]
+    q, k = _regroup(b, plan, q, qk_batch, "q"), _regroup(b, plan, k, qk_batch, "k")
+    v = _regroup(b, plan, v, pv_batch, "v")
     for t, kind in plan.scale_tensors:
         q = b(torch.mul if kind == "mul" else torch.div, q, t)
     dtype = meta(q).dtype
@@ -155,8 +195,11 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
         row_max = b(operator.getitem, b(operator.getitem, fused, 1), 0)
         out = b("masked_fill", out, b(torch.unsqueeze, b(torch.isneginf, row_max), -1), 0.0, method=True)
     want = meta(plan.output)
-    while meta(out).dim() > want.dim():
+    while meta(out).dim() > len(plan.scores_shape):
         out = b(torch.squeeze, out, 0)
+    if not _same(_shape(out)[:-2], pv_batch):
+        sizes = [_size(b, plan.p, i) for i in range(len(pv_batch))]
+        out = b("reshape", out, *sizes, _size(b, out, -2), _size(b, out, -1), method=True)
     if meta(out).dtype != want.dtype:
         out = b("to", out, want.dtype, method=True)
     return out
@@ -164,7 +207,8 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
 
 def _combined_bias(b, plan, full):
     total = None
-    for node, coeff in plan.bias:
+    for node, coeff, layout in plan.bias:
+        node = _regroup_term(b, plan, node, layout, "bias")
         term = node if coeff == 1 else b(torch.mul, node, float(coeff))
         total = term if total is None else b(torch.add, total, term)
     return None if total is None else _broadcast_arg(b, total, full, "bias")
@@ -172,7 +216,8 @@ def _combined_bias(b, plan, full):
 
 def _combined_mask(b, plan, full):
     keep = None
-    for node, is_keep in plan.hide:
+    for node, is_keep, layout in plan.hide:
+        node = _regroup_term(b, plan, node, layout, "mask")
         term = node if is_keep else b(torch.logical_not, node)
         keep = term if keep is None else b(torch.logical_and, keep, term)
     return None if keep is None else _broadcast_arg(b, keep, full, "mask")
