@@ -305,3 +305,24 @@ def test_scale_that_dynamo_made_an_input():
             out = compiled(q, k, v, scale)
             assert torch.allclose(out, fn(q, k, v, scale), rtol=1e-4, atol=1e-5)
     assert sites[-1].rewritten and sites[-1].spec["scale"] == "runtime"
+
+
+def test_scores_regrouped_between_bmm_and_four_dims():
+    def bloom(q, k, v, alibi, bias):  # (B*H, N, D) products, a (B, H, N, N) softmax
+        s = alibi.baddbmm(batch1=q, batch2=k.transpose(-1, -2), beta=1.0, alpha=0.25).view(B, H, NQ, NK)
+        p = F.softmax(s + bias, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(p.view(B * H, NQ, NK), v).view(B, H, NQ, D)
+    q, k, v = rand(B * H, NQ, D), rand(B * H, NK, D), rand(B * H, NK, D)
+    assert_equivalent(bloom, q, k, v, rand(B * H, 1, NK), rand(B, 1, NQ, NK), expected_sites=1, options=FAST)
+
+
+def test_window_mask_added_in_a_five_dim_view():
+    windows = 3
+
+    def swin(q, k, v, rel, mask):  # q, k, v: (B * windows, H, N, D)
+        s = q * 0.25 @ k.transpose(-2, -1) + rel.unsqueeze(0)
+        s = s.view(-1, windows, H, NQ, NQ) + mask.unsqueeze(1).unsqueeze(0)
+        return s.view(-1, H, NQ, NQ).softmax(-1) @ v
+    q, k, v = (rand(B * windows, H, NQ, D) for _ in range(3))
+    mask = torch.where(torch.rand(windows, NQ, NQ) > 0.3, 0.0, -100.0)
+    assert_equivalent(swin, q, k, v, rand(H, NQ, NQ), mask, expected_sites=1, options=FAST)
