@@ -3,9 +3,13 @@
 Each builder returns (model, inputs: dict) with random weights and no downloads; Hugging Face
 models use attn_implementation="eager" and a padding mask where the model takes one.
 """
+import os
+
 import torch
 
 VOCAB = 101
+#: where the model tests run: "cpu" (CI) or "cuda" (bench/gpu_tests.sh)
+DEVICE = os.environ.get("FLASHFUSE_TEST_DEVICE", "cpu")
 
 
 def _ids(batch, seq, generator):
@@ -89,7 +93,7 @@ def build(name, seed=0, **kwargs):
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model, inputs = FAMILIES[name](generator=generator, **kwargs)
-    return model.eval(), inputs
+    return model.eval().to(DEVICE), {k: v.to(DEVICE) for k, v in inputs.items()}
 
 
 def first_output(out):

@@ -29,7 +29,7 @@ class CountSoftmax(TorchFunctionMode):
 
 def run(model, inputs):
     out = models.first_output(model(**inputs))
-    cotangent = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     params = [p for p in model.parameters() if p.requires_grad]
     return out, torch.autograd.grad(out, params, cotangent, allow_unused=True)
 

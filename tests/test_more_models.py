@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flashfuse.testing import assert_equivalent
+from models import DEVICE
 from test_models import CountSoftmax
 
 V = 101
@@ -78,7 +79,7 @@ FAMILIES = {
 def test_family_is_rewritten_and_equivalent(family):
     torch.manual_seed(0)
     model, inputs = FAMILIES[family]()
-    model.eval()
+    model, inputs = model.eval().to(DEVICE), {k: v.to(DEVICE) for k, v in inputs.items()}
     names, values = list(inputs), list(inputs.values())
 
     def call(*args):
