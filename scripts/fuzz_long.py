@@ -1,0 +1,133 @@
+"""Long fuzz run of the matcher: many random attention programs and near misses, each checked with check_program.
+
+    TRITON_INTERPRET=0 python scripts/fuzz_long.py --examples 10000 --log fuzz.log --summary fuzz.json
+    TRITON_INTERPRET=1 python scripts/fuzz_long.py --examples 300 --log fuzz-interp.log --summary fuzz-interp.json
+
+Runs the `fuzz` Hypothesis profile in chunks of --chunk examples, each chunk with its own seed, so that
+one failure (shrunk to a minimal program and written to the log) does not end the run. Progress goes to
+--log every --every programs; --summary gets a JSON summary: programs run, how often each choice was
+drawn (the spellings covered), and every failure with its minimal program. TRITON_INTERPRET=0 runs the
+op's pure-torch reference on the CPU (fast); TRITON_INTERPRET=1 runs the Triton kernels in Triton's
+interpreter (slow). Keep shapes tiny on a CPU: the defaults are B <= 2, H <= 3, N <= 8, D in {8, 16}.
+"""
+import argparse
+import collections
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=10_000, help="programs to generate in all")
+    parser.add_argument("--chunk", type=int, default=500, help="programs per Hypothesis run (one seed each)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first chunk (chunk i uses seed + i)")
+    parser.add_argument("--log", default="fuzz.log")
+    parser.add_argument("--summary", default="fuzz.json")
+    parser.add_argument("--every", type=int, default=100, help="log progress every this many programs")
+    parser.add_argument("--max-seq", type=int, default=8)
+    parser.add_argument("--max-heads", type=int, default=3)
+    parser.add_argument("--head-dims", default="8,16")
+    parser.add_argument("--compiler", default=None, help="eager (default) or inductor")
+    parser.add_argument("--include-open-bugs", action="store_true",
+                        help="also draw the programs of OPEN_BUGS (by default they are steered around)")
+    args = parser.parse_args(argv)
+
+    from hypothesis import given, seed, settings
+
+    from flashfuse.testing.profiles import fuzz_options, load_profile
+    from flashfuse.testing.programs import OPEN_BUGS, attention_programs, check_program, skip_gradients
+
+    load_profile("fuzz")
+    options = fuzz_options(args.compiler)
+    strategy = attention_programs(max_heads=args.max_heads, max_seq=args.max_seq,
+                                  head_dims=tuple(int(d) for d in args.head_dims.split(",")),
+                                  avoid=() if args.include_open_bugs else tuple(OPEN_BUGS))
+    stats = {"calls": 0, "generated": 0, "attention": 0, "near_miss": 0, "sites_expected": 0,
+             "gradients_skipped": 0, "failures": [], "chunks": 0}
+    coverage = collections.defaultdict(collections.Counter)
+    start = time.time()
+    log = open(args.log, "a", buffering=1)
+
+    def note(text):
+        log.write(f"[{time.time() - start:8.1f}s] {text}\n")
+
+    note(f"start: {vars(args)} TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} options={options}")
+    state = {"last_failure": None, "shrinking": False}
+
+    def write_summary():
+        elapsed = time.time() - start
+        summary = {
+            "programs_run": stats["calls"], "programs_generated": stats["generated"],
+            "attention_programs": stats["attention"], "near_misses": stats["near_miss"],
+            "sites_expected": stats["sites_expected"], "gradients_skipped_known_gap": stats["gradients_skipped"],
+            "chunks": stats["chunks"], "seconds": round(elapsed, 1),
+            "triton_interpret": os.environ.get("TRITON_INTERPRET"), "options": options, "args": vars(args),
+            "failures": stats["failures"],
+            "coverage": {name: dict(sorted(counter.items(), key=lambda kv: -kv[1]))
+                         for name, counter in sorted(coverage.items())},
+        }
+        tmp = args.summary + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+        os.replace(tmp, args.summary)
+
+    def check(program):
+        stats["calls"] += 1
+        if not state["shrinking"]:
+            stats["generated"] += 1
+            stats["attention" if program.is_attention else "near_miss"] += 1
+            stats["sites_expected"] += program.expected_sites
+            stats["gradients_skipped"] += skip_gradients(program)
+            for name, value in program.choices.items():
+                if name not in ("seed", "pads"):
+                    coverage[name][str(value)] += 1
+        try:
+            check_program(program, options=options)
+        except BaseException as exc:
+            state["last_failure"] = (program, exc)
+            state["shrinking"] = True
+            raise
+        finally:
+            if stats["calls"] % args.every == 0:
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+                rate = stats["calls"] / (time.time() - start)
+                note(f"{stats['calls']} programs run ({stats['generated']} generated, {rate:.2f}/s), "
+                     f"{len(stats['failures'])} failures, max RSS {rss} MiB")
+                write_summary()
+
+    chunk = 0
+    while stats["generated"] < args.examples:
+        n = min(args.chunk, args.examples - stats["generated"])
+        chunk_seed = args.seed + chunk
+        state["last_failure"], state["shrinking"] = None, False
+
+        @seed(chunk_seed)
+        @settings(settings.get_profile("fuzz"), max_examples=n, database=None)
+        @given(strategy)
+        def run(program):
+            check(program)
+
+        try:
+            run()
+        except Exception as exc:  # a failure, shrunk: log it and go on with the next chunk
+            program, last = state["last_failure"] or (None, exc)
+            message = "".join(traceback.format_exception_only(type(last), last)).strip()
+            stats["failures"].append({"chunk_seed": chunk_seed, "message": message,
+                                      "choices": program.choices if program else None,
+                                      "source": program.source if program else None})
+            note(f"FAILURE in chunk {chunk} (seed {chunk_seed}), shrunk to:\n{program!r}\n{message}\n")
+        stats["chunks"] += 1
+        chunk += 1
+        write_summary()
+    note(f"done: {stats['calls']} programs run ({stats['generated']} generated), "
+         f"{len(stats['failures'])} failures, {time.time() - start:.0f}s")
+    write_summary()
+    return 1 if stats["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
