@@ -12,7 +12,7 @@ from torch.fx import Node
 
 from flashfuse.kernels import op as flash_op
 from flashfuse.patterns.layout import known_equal
-from flashfuse.patterns.match import Refuse
+from flashfuse.patterns.plan import Refuse
 from flashfuse.patterns.ops import meta
 
 

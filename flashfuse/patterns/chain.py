@@ -1,0 +1,126 @@
+"""The score chain between q.kT and the softmax, folded op by op into a Plan.
+
+Kernel order is scale, softcap, bias, mask; each op of the chain either fits that order (scales
+fold into the scalar and into earlier bias terms, a tanh between two multiplies is a softcap)
+or the site is refused.
+"""
+import math
+
+import torch
+from torch.fx import Node
+
+from flashfuse.patterns.ops import classify
+from flashfuse.patterns.plan import Plan, Refuse, constant, keeps_last_two, runtime_scalar, shape_of, tensor_of
+from flashfuse.patterns.products import score_product
+
+LARGE_NEGATIVE = -1e4  # a fill at or below this hides a key: exp(fill - max) underflows to 0 in fp32
+
+
+def chain_back(x, depth=0):
+    """Ops from the product to the softmax input, product first; None if no product is reached."""
+    if not isinstance(x, Node) or depth > 32:
+        return None
+    probe = Plan(None, None, None)
+    try:
+        if score_product(x, probe):
+            return [x]
+    except Refuse:
+        return None
+    op = classify(x)
+    if op is None:
+        return None
+    candidates = {
+        "mul": ("x", "y"), "div": ("x",), "add": ("x", "y"), "sub": ("x",), "masked_fill": ("x",),
+        "where": ("a", "b"), "cast": ("x",), "tanh": ("x",), "view": ("x",),
+    }.get(op.kind, ())
+    if op.kind == "view" and not keeps_last_two(x):
+        return None
+    for name in candidates:
+        path = chain_back(op.args.get(name), depth + 1)
+        if path is not None:
+            return path + [x]
+    return None
+
+
+def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on the chain)
+    """Fold one chain op (whose chain input is `prev`) into the plan."""
+    op = classify(node)
+    kind, args = op.kind, op.args
+    if state.get("tanh") and kind != "mul":
+        raise Refuse("tanh on the scores is not followed by a multiply (not a softcap)")
+    if kind in ("cast", "view"):
+        return  # views keep the last two dims (checked when the chain is found)
+    if kind in ("mul", "div"):
+        other = args["y"] if args["x"] is prev else args["x"]
+        if kind == "div" and args["x"] is not prev:
+            raise Refuse("the scores are a divisor")
+        c = constant(other)
+        if state.get("tanh"):
+            if c is None or c <= 0:
+                raise Refuse("tanh on the scores is not followed by a positive constant multiply")
+            plan.softcap = c
+            plan.scale *= c
+            state["tanh"] = False
+            state["capped"] = True
+            return
+        if c is None:
+            if not runtime_scalar(other):
+                raise Refuse(f"scores multiplied by a tensor of shape {tuple(tensor_of(other).shape)}"
+                             if tensor_of(other) is not None else "scores multiplied by an unknown value")
+            if plan.bias or plan.hide or plan.softcap:
+                raise Refuse("a tensor scale applied after a bias, mask or softcap")
+            plan.scale_tensors.append((other, kind))
+            return
+        c = 1.0 / c if kind == "div" else c
+        if not math.isfinite(c) or c == 0:
+            raise Refuse(f"scale {c} is not a finite nonzero number")
+        if state.get("capped"):
+            raise Refuse("a scale applied after the softcap")
+        if plan.hide and c < 0:
+            raise Refuse("a negative scale after a mask")
+        plan.scale *= c
+        plan.bias = [(b, w * c, shape) for b, w, shape in plan.bias]
+        if math.isfinite(plan.mask_value):
+            plan.mask_value *= c
+        return
+    if kind == "tanh":
+        if plan.bias or plan.hide or state.get("capped"):
+            raise Refuse("tanh after a bias or mask (a softcap comes first)")
+        state["tanh"] = True
+        return
+    if kind in ("add", "sub"):
+        if args["x"] is not prev and kind == "sub":
+            raise Refuse("the scores are subtracted from a tensor")
+        other = args["y"] if args["x"] is prev else args["x"]
+        alpha = constant(args.get("alpha", 1))
+        if alpha is None:
+            raise Refuse("add with a non-constant alpha")
+        sign = -alpha if kind == "sub" else alpha
+        if constant(other) is not None and not isinstance(other, Node):
+            return  # a constant shift; softmax does not see it
+        t = tensor_of(other)
+        if t is None or not t.is_floating_point():
+            raise Refuse("scores added to a non-float value")
+        if plan.hide and math.isfinite(plan.mask_value):
+            raise Refuse("a bias added after a finite mask fill")
+        plan.bias.append((other, sign, shape_of(prev)))
+        return
+    if kind in ("masked_fill", "where"):
+        if kind == "masked_fill":
+            hide, fill, negate = args["mask"], args["value"], False
+        elif args["a"] is prev:
+            hide, fill, negate = args["cond"], args["b"], True
+        else:
+            hide, fill, negate = args["cond"], args["a"], False
+        value = constant(fill)
+        if value is None or not (value <= LARGE_NEGATIVE):
+            raise Refuse(f"masked_fill/where with value {fill} is not a mask (needs -inf or a large negative)")
+        t = tensor_of(hide)
+        if t is None or t.dtype != torch.bool:
+            raise Refuse("a mask that is not a bool tensor")
+        if plan.hide and value != plan.mask_value:
+            raise Refuse("two masks with different fill values")
+        plan.hide.append((hide, negate, shape_of(prev)))
+        plan.mask_value = value
+        return
+    raise Refuse(f"unsupported op {node.name} between the product and the softmax")

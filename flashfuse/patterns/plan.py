@@ -1,0 +1,112 @@
+"""What the matcher builds for a site (`Plan`, `Operand`), why it refuses one (`Refuse`), and the
+small questions it asks of graph values: their tensors, shapes, constants and users.
+"""
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Node
+
+from flashfuse.patterns import layout
+from flashfuse.patterns.inplace import metadata_only_use
+from flashfuse.patterns.ops import meta
+
+
+class Refuse(Exception):
+    """The site is not provably attention; the message says why."""
+
+
+@dataclass
+class Operand:
+    """A q, k or v tensor in (..., N, D) layout: `node`, transposed first when `transpose` is set."""
+    node: Node
+    transpose: bool = False
+    group: int = 1  # repeat_kv factor absorbed (the op reads node's heads directly)
+
+
+@dataclass
+class Plan:
+    softmax: Node
+    product: Node  # the q.kT node
+    output: Node  # the p.v node the op replaces
+    q: Operand = None
+    k: Operand = None
+    v: Operand = None
+    scale: float = 1.0
+    scale_tensors: list = field(default_factory=list)  # [(node, "mul" | "div")], 0-dim, applied to q
+    softcap: float = 0.0
+    bias: list = field(default_factory=list)  # [(node, coefficient, shape of the scores it was added to)]
+    hide: list = field(default_factory=list)  # [(bool node, True if it keeps keys, shape of the scores)]
+    scores_shape: tuple = ()  # the layout the softmax sees; q, k, v, bias and mask are brought to it
+    scores_node: Node = None  # a node of that shape, for its sizes
+    p: Node = None  # the weights as p.v reads them
+    mask_value: float = float("-inf")
+    dropout_p: float = 0.0
+    causal: bool = False
+    zero_empty_rows: bool = False  # SDPA's convention: a query that sees no key gives 0
+    bypass: list = field(default_factory=list)  # scalar mul/div nodes on q/k folded into `scale`
+    chain: list = field(default_factory=list)  # nodes made dead by the rewrite
+
+    def spec(self):
+        return {"scale": self.scale if not self.scale_tensors else "runtime", "causal": self.causal,
+                "window": None, "softcap": self.softcap or None, "bias": bool(self.bias), "mask": bool(self.hide),
+                "gqa": max(self.k.group, 1) if self.k else 1, "dropout_p": self.dropout_p}
+
+
+def shape_of(node):
+    return tuple(meta(node).shape)
+
+
+def keeps_last_two(view):
+    """A view of the scores that only regroups batch dims: (B*H, Nq, Nk) <-> (B, H, Nq, Nk)."""
+    src, out = meta(view.args[0]), meta(view)
+    if not isinstance(src, torch.Tensor) or src.dim() < 2 or out.dim() < 2 or out.dim() > 5:
+        return False
+    return layout.known_equal(src.shape[-1], out.shape[-1]) and layout.known_equal(src.shape[-2], out.shape[-2])
+
+
+def tensor_of(x):
+    t = meta(x)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def real_users(node):
+    return [u for u in node.users if not metadata_only_use(u, node)]
+
+
+def single_user(node, what):
+    users = real_users(node)
+    if len(users) != 1:
+        names = ", ".join(u.name for u in users) or "nothing"
+        raise Refuse(f"{what} ({node.name}) has other users ({names}); returned or reused attention weights")
+    return users[0]
+
+
+def constant(x):
+    """The Python value of a scalar: a number, or a 0-dim constant built in the graph; else None."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if not isinstance(x, Node):
+        return None
+    op = x.target if x.op == "call_function" else None
+    if op in (torch.full,) and len(x.args) >= 2 and list(x.args[0]) == [] and isinstance(x.args[1], (int, float)):
+        return float(x.args[1])
+    if op in (torch.tensor, torch.as_tensor) and x.args and isinstance(x.args[0], (int, float)):
+        return float(x.args[0])
+    if op in (math.sqrt, operator.truediv, operator.mul, operator.pow) and all(
+            isinstance(a, (int, float)) for a in x.args):
+        return float(op(*x.args))
+    if x.op == "call_method" and x.target in ("to", "type") and isinstance(x.args[0], Node):
+        return constant(x.args[0])
+    return None
+
+
+def runtime_scalar(x):
+    """A 0-dim float tensor, or a number Dynamo made a graph input (a SymFloat after recompiles)."""
+    t = meta(x)
+    if isinstance(t, torch.Tensor):
+        return t.dim() == 0 and t.is_floating_point()
+    return isinstance(t, (torch.SymFloat, torch.SymInt, float, int)) and not isinstance(t, bool)
