@@ -47,3 +47,15 @@ def test_model_is_rewritten_and_equivalent(family):
     assert sum(CALLS.values()) - before == counter.calls, "every softmax of the eager model is a flashfuse call"
     assert relative_error(actual, expected) < 1e-4
     assert gradients_error(actual_grads, expected_grads) < 1e-3
+
+
+@pytest.mark.parametrize("family, window", [("gpt2", None), ("llama", None), ("mistral", (4, -1))])
+def test_in_graph_causal_masks_become_flags(family, window):
+    """Without a padding mask, the causal (and sliding) mask transformers builds in the graph is skipped, not read."""
+    model, inputs = models.build(family)
+    inputs.pop("attention_mask")
+    from flashfuse.testing import assert_equivalent
+    names = list(inputs)
+    sites = assert_equivalent(lambda *a: models.first_output(model(**dict(zip(names, a)))), *inputs.values(),
+                              expected_sites=2, grad=False, options={"compiler": "eager"})
+    assert all(s.spec["causal"] and not s.spec["bias"] and s.spec["window"] == window for s in sites)

@@ -326,3 +326,32 @@ def test_window_mask_added_in_a_five_dim_view():
     q, k, v = (rand(B * windows, H, NQ, D) for _ in range(3))
     mask = torch.where(torch.rand(windows, NQ, NQ) > 0.3, 0.0, -100.0)
     assert_equivalent(swin, q, k, v, rand(H, NQ, NQ), mask, expected_sites=1, options=FAST)
+
+
+def hf_mask(nq, nk, window=None, padding=None):
+    """A mask built in the graph the way transformers' masking_utils does."""
+    q_idx = (torch.arange(nq) + (nk - nq))[None, None, :, None]
+    kv_idx = (torch.arange(nk) + 0)[None, None, None, :]
+    keep = q_idx.new_ones((), dtype=torch.bool)
+    if window is not None:
+        keep = keep & (kv_idx > q_idx - window).to("cpu")
+    keep = keep & (kv_idx <= q_idx).to("cpu")
+    if padding is not None:
+        keep = keep & padding[:, None, None, :]
+    return torch.where(keep.expand(B, -1, nq, nk), torch.zeros(()), torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("nq, nk, window, spec", [(NQ, NQ, None, (True, None)), (NQ, NK, None, (True, None)),
+                                                   (NK, NK, 4, (True, (3, -1)))])
+def test_index_built_causal_and_window_masks_become_flags(nq, nk, window, spec):
+    fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.25 + hf_mask(nq, nk, window), -1) @ v  # noqa: E731
+    sites = assert_equivalent(fn, *qkv(nq=nq, nk=nk), expected_sites=1, options=FAST)
+    assert (sites[0].spec["causal"], sites[0].spec["window"]) == spec and sites[0].spec["bias"] is False
+
+
+def test_index_built_mask_with_padding_stays_a_bias():
+    pad = torch.ones(B, NQ, dtype=torch.bool)
+    pad[0, :4] = False  # left padding: early queries of sequence 0 see no key, as eager computes them
+    fn = lambda q, k, v, pad: torch.softmax(q @ k.mT * 0.25 + hf_mask(NQ, NQ, padding=pad), -1) @ v  # noqa: E731
+    sites = assert_equivalent(fn, *qkv(nk=NQ), pad, expected_sites=1, options=FAST)
+    assert sites[0].spec["bias"] is True and sites[0].spec["causal"] is False

@@ -17,6 +17,7 @@ from flashfuse.patterns.plan import (Operand, Plan, Refuse, constant, keeps_last
                                      tensor_of)
 from flashfuse.patterns.products import score_product, value_product
 from flashfuse.patterns.sdpa import sdpa_plan
+from flashfuse.patterns.structure import structure_of
 
 __all__ = ["Refuse", "Plan", "match_softmax", "sdpa_plan", "is_softmax"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,9 +48,24 @@ def match_softmax(softmax):
         raise Refuse("tanh on the scores is not followed by a multiply (not a softcap)")
     single_user(path[-1], "the scores")
     plan.chain = list(path)
+    _take_structure(plan)
     plan.output = _after_softmax(softmax, plan)
     _check_operands(plan)
     return plan
+
+
+def _take_structure(plan):
+    """A lone bias that is a causal / sliding-window mask built from index comparisons becomes flags."""
+    if len(plan.bias) != 1 or plan.hide:
+        return
+    node, coeff, _ = plan.bias[0]
+    found = structure_of(node, coeff, *plan.scores_shape[-2:])
+    if found is None:
+        return
+    left, right = found
+    plan.bias = []
+    plan.causal = right == 0
+    plan.window = (left, -1 if right == 0 else right)
 
 
 def _after_softmax(softmax, plan):

@@ -44,14 +44,16 @@ class Plan:
     mask_value: float = float("-inf")
     dropout_p: float = 0.0
     causal: bool = False
+    window: tuple = (-1, -1)  # (left, right) beyond the causal bound; -1 unbounded
     zero_empty_rows: bool = False  # SDPA's convention: a query that sees no key gives 0
     bypass: list = field(default_factory=list)  # scalar mul/div nodes on q/k folded into `scale`
     chain: list = field(default_factory=list)  # nodes made dead by the rewrite
 
     def spec(self):
         return {"scale": self.scale if not self.scale_tensors else "runtime", "causal": self.causal,
-                "window": None, "softcap": self.softcap or None, "bias": bool(self.bias), "mask": bool(self.hide),
-                "gqa": max(self.k.group, 1) if self.k else 1, "dropout_p": self.dropout_p}
+                "window": None if self.window == (-1, -1) else self.window, "softcap": self.softcap or None,
+                "bias": bool(self.bias), "mask": bool(self.hide), "gqa": max(self.k.group, 1) if self.k else 1,
+                "dropout_p": self.dropout_p}
 
 
 def shape_of(node):

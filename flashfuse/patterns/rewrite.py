@@ -189,7 +189,8 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
     mask = _combined_mask(b, plan, full)
     seed = b(flash_op.new_seed, q) if plan.dropout_p > 0 else None
     fused = b(torch.ops.flashfuse.fwd.default, q, k, v, bias, mask, float(plan.scale), float(plan.softcap),
-              float(plan.mask_value), bool(plan.causal), -1, -1, float(plan.dropout_p), seed)
+              float(plan.mask_value), bool(plan.causal), int(plan.window[0]), int(plan.window[1]),
+              float(plan.dropout_p), seed)
     out = b(operator.getitem, fused, 0)
     if plan.zero_empty_rows:
         row_max = b(operator.getitem, b(operator.getitem, fused, 1), 0)
