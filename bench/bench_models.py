@@ -1,6 +1,6 @@
 """Whole models on a GPU: eager, stock torch.compile, SDPA + torch.compile, and flashfuse.
 
-    python bench/bench_models.py [--models gpt2-124M llama-gqa-0.5B bert-base]
+    python bench/bench_models.py [--models gpt2-124M llama-gqa-0.5B bert-base] [--padding-mask]
 
 Unmodified Hugging Face models from their configs (random weights), bf16. Inference is one forward
 under no_grad; a training step is forward + backward of the mean output. Median ms of
@@ -26,21 +26,21 @@ VARIANTS = {"eager": ("eager", None), "inductor": ("eager", "inductor"), "sdpa+i
             "flashfuse": ("eager", "flashfuse")}
 
 
-def bench(name, label):
+def bench(name, label, padding_mask):
     build, batch, seq = MODELS[name]
     impl, backend = VARIANTS[label]
     torch.manual_seed(0)
     model = build(impl).cuda().to(torch.bfloat16)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
-    mask = torch.ones_like(ids)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)} if padding_mask else {"input_ids": ids}
     run = torch.compile(model, backend=backend) if backend else model
 
     def infer():
         with torch.no_grad():
-            return run(input_ids=ids, attention_mask=mask).last_hidden_state
+            return run(**inputs).last_hidden_state
 
     def train():
-        run(input_ids=ids, attention_mask=mask).last_hidden_state.float().mean().backward()
+        run(**inputs).last_hidden_state.float().mean().backward()
 
     out = infer()
     infer_ms = do_bench(infer, return_mode="median")
@@ -56,15 +56,18 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--padding-mask", action="store_true",
+                        help="pass an attention_mask (of ones): the model then builds a padding-aware mask")
     args = parser.parse_args()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {T.__version__}, bf16")
-    print(f"| model | variant | inference ms | training step ms | training peak MiB | output vs eager |")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {T.__version__}, bf16, "
+          f"{'with' if args.padding_mask else 'without'} an attention_mask")
+    print("| model | variant | inference ms | training step ms | training peak MiB | output vs first variant |")
     print("|---|---|---|---|---|---|")
     for name in args.models:
         reference = None
         for label in args.variants:
             torch._dynamo.reset()
-            out, infer_ms, train_ms, peak = bench(name, label)
+            out, infer_ms, train_ms, peak = bench(name, label, args.padding_mask)
             reference = out if reference is None else reference
             err = ((out - reference).norm() / reference.norm()).item()
             print(f"| {name} | {label} | {infer_ms:.2f} | {train_ms:.2f} | {peak:.0f} | {err:.1e} |", flush=True)
