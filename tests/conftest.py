@@ -3,3 +3,9 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Hypothesis profiles for the fuzz tests (ci, dev, fuzz; see flashfuse/testing/profiles.py), picked by
+# FLASHFUSE_HYPOTHESIS_PROFILE (default ci).
+from flashfuse.testing.profiles import load_profile  # noqa: E402
+
+load_profile()

@@ -6,3 +6,15 @@
 from flashfuse.testing.equivalence import assert_equivalent, compile_and_report
 
 __all__ = ["assert_equivalent", "compile_and_report"]
+
+# Fuzzing (needs hypothesis, in the `test` extra): imported on first use, so assert_equivalent works without it.
+_FUZZING = {"attention_programs": "programs", "build_program": "programs", "check_program": "programs",
+            "Program": "programs", "fuzz_equivalence": "fuzz", "load_profile": "profiles", "fuzz_options": "profiles"}
+__all__ += list(_FUZZING)
+
+
+def __getattr__(name):
+    if name in _FUZZING:
+        import importlib
+        return getattr(importlib.import_module(f"flashfuse.testing.{_FUZZING[name]}"), name)
+    raise AttributeError(f"module 'flashfuse.testing' has no attribute {name!r}")

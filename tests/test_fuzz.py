@@ -1,0 +1,232 @@
+"""Fuzzing the matcher with random attention programs (flashfuse.testing.attention_programs).
+
+Attention programs must be rewritten (once per site) and stay equivalent to eager, forward and
+gradients; near misses must be left alone and stay equivalent. How many programs run depends on
+the Hypothesis profile (FLASHFUSE_HYPOTHESIS_PROFILE=ci|dev|fuzz, default ci: derandomized, a couple
+of minutes on two CPU cores). The end of the file holds one regression test per bug the fuzzer found.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, find, given, settings
+from hypothesis import strategies as st
+
+from flashfuse.testing.equivalence import assert_equivalent
+from flashfuse.testing.fuzz import fuzz_equivalence
+from flashfuse.testing.profiles import PROFILE_ENV, PROFILES, fuzz_options, load_profile, profile_name
+from flashfuse.testing.programs import (LAYOUTS, NEAR_MISSES, OPEN_BUGS, attention_programs, build_program,
+                                        check_program)
+from flashfuse.testing.pytest_plugin import flashfuse_fuzz  # noqa: F401  (the fixture)
+
+FAST = {"compiler": "eager"}
+
+
+# ---------------------------------------------------------------- the fuzz tests
+
+@given(attention_programs(attention=True))
+def test_attention_programs_are_rewritten_and_equivalent(program):
+    assert program.is_attention and program.expected_sites >= 1
+    check_program(program)
+
+
+@given(attention_programs(attention=False))
+def test_near_misses_are_left_alone_and_equivalent(program):
+    assert not program.is_attention and program.expected_sites == 0
+    check_program(program)
+
+
+# ---------------------------------------------------------------- the strategy itself (no compilation)
+
+_NO_COMPILE = settings(max_examples=400, deadline=None, derandomize=True, database=None,
+                       suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_programs_run_in_eager_and_their_source_is_what_runs():
+    seen = {"layout": set(), "kind": set()}
+
+    @_NO_COMPILE
+    @given(attention_programs())
+    def check(program):
+        program.module(*program.inputs)
+        rebuilt = build_program(program.choices)
+        assert rebuilt.source == program.source
+        namespace = {}
+        exec(compile(program.source, "<program>", "exec"), namespace)  # noqa: S102
+        assert type(program.module).forward.__code__.co_code == namespace["Program"].forward.__code__.co_code
+        assert program.expected_sites == (program.choices.get("calls", 1) if program.is_attention else 0)
+        floats = [x for x in program.inputs if x.is_floating_point()]
+        assert all(x.dtype == getattr(torch, program.choices["dtype"]) for x in floats)
+        for name in seen:
+            seen[name].add(program.choices[name])
+
+    check()
+    assert seen["layout"] == set(LAYOUTS)
+    assert seen["kind"] == {"attention", *NEAR_MISSES}
+
+
+def test_failures_shrink_to_a_short_program():
+    """Shrinking goes to the first (simplest) option of every choice: a bare 4-D attention."""
+    program = find(attention_programs(attention=True), lambda p: p.choices["masks"] != "none",
+                   settings=settings(database=None, max_examples=500, derandomize=True))
+    assert program.choices["layout"] == "inputs" and program.choices["B"] == program.choices["NQ"] == 1
+    body = program.source.split("def forward")[1].strip().splitlines()[1:]
+    assert len(body) <= 6, program.source
+
+
+def test_unknown_open_bug_name_is_an_error():
+    with pytest.raises(ValueError, match="unknown names"):
+        attention_programs(avoid=("no_such_bug",))
+
+
+# ---------------------------------------------------------------- profiles
+
+def test_profiles_are_registered_and_chosen_by_environment(monkeypatch):
+    assert set(PROFILES) == {"ci", "dev", "fuzz"}
+    assert PROFILES["ci"]["derandomize"] and PROFILES["ci"]["deadline"] is None
+    monkeypatch.setenv(PROFILE_ENV, "dev")
+    assert profile_name() == "dev"
+    monkeypatch.delenv(PROFILE_ENV)
+    assert profile_name() == "ci"
+    monkeypatch.setenv(PROFILE_ENV, "nope")
+    with pytest.raises(ValueError):
+        profile_name()
+    monkeypatch.delenv(PROFILE_ENV)
+    assert load_profile() == "ci" or os.environ.get(PROFILE_ENV)
+    assert settings.default.deadline is None
+    assert fuzz_options() == {"compiler": "eager"} and fuzz_options("inductor") == {"compiler": "inductor"}
+
+
+# ---------------------------------------------------------------- fuzzing your own module
+
+class TinyAttention(nn.Module):
+    """What a user would bring: a small self-attention block with a padding mask."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, keep):
+        b, n, dim = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / (dim // self.heads) ** 0.5
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+        return self.out((F.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, n, dim))
+
+
+def _tiny_inputs(batch, seq):
+    keep = torch.ones(batch, seq, dtype=torch.bool)
+    keep[0, : seq // 2] = False
+    return torch.randn(batch, seq, 16, requires_grad=True), keep
+
+
+@fuzz_equivalence(expected_sites=1, max_examples=3, batch=st.integers(1, 2), seq=st.integers(1, 6))
+def test_fuzz_equivalence_decorator(batch, seq):
+    torch.manual_seed(0)
+    return TinyAttention().eval(), _tiny_inputs(batch, seq)
+
+
+def test_flashfuse_fuzz_fixture(flashfuse_fuzz):
+    flashfuse_fuzz(lambda seq: (TinyAttention().eval(), _tiny_inputs(2, seq)), expected_sites=1, max_examples=2,
+                   seq=st.integers(1, 6))
+
+
+def test_fuzz_equivalence_reports_a_wrong_site_count(flashfuse_fuzz):
+    with pytest.raises(AssertionError, match="sites rewritten"):
+        flashfuse_fuzz(lambda seq: (TinyAttention().eval(), _tiny_inputs(1, seq)), expected_sites=2, max_examples=1,
+                       seq=st.just(3))
+
+
+# ---------------------------------------------------------------- regressions: bugs the fuzzer found
+
+def _r(*shape):
+    return torch.randn(*shape, requires_grad=True)
+
+
+def repeat_kv(x, n):
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+HIDDEN_TRANSPOSES = {
+    "movedim": lambda t: t.movedim(-1, -2),
+    "moveaxis": lambda t: torch.moveaxis(t, -1, -2),
+    "einsum": lambda t: torch.einsum("bhnd->bhdn", t),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="open bug hidden_transpose: layout.py treats movedim / moveaxis / einsum as "
+                                       "the data's origin, so a transpose spelled with them is not seen")
+@pytest.mark.parametrize("spelling", HIDDEN_TRANSPOSES)
+@pytest.mark.parametrize("operand", ["q", "k", "v"])
+def test_transpose_hidden_in_movedim_is_a_near_miss(operand, spelling):
+    t = HIDDEN_TRANSPOSES[spelling]
+    programs = {  # D == 8 == the token count of the transposed operand, so the wrong contraction type-checks
+        "q": (lambda q, k, v: torch.softmax(t(q) @ k.mT, -1) @ v, (_r(1, 2, 8, 8), _r(1, 2, 5, 8), _r(1, 2, 5, 8))),
+        "k": (lambda q, k, v: torch.softmax(q @ t(k).mT, -1) @ v, (_r(1, 2, 5, 8), _r(1, 2, 8, 8), _r(1, 2, 8, 8))),
+        "v": (lambda q, k, v: torch.softmax(q @ k.mT, -1) @ t(v), (_r(1, 2, 5, 8), _r(1, 2, 8, 8), _r(1, 2, 8, 8))),
+    }
+    fn, inputs = programs[operand]
+    assert_equivalent(fn, *inputs, expected_sites=0, options=FAST)
+
+
+GQA_TRANSPOSED_K = {
+    "scale_on_kT": lambda q, k, v: torch.softmax(q @ (repeat_kv(k, 2).transpose(-1, -2) * 0.3), -1) @ repeat_kv(v, 2),
+    "interleave_scale_on_kT": lambda q, k, v: torch.softmax(
+        q @ (k.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3), -1) @ v.repeat_interleave(2, dim=1),
+    "einsum_dk": lambda q, k, v: torch.softmax(
+        torch.einsum("bhqd,bhdk->bhqk", q, repeat_kv(k, 2).transpose(-1, -2)), -1) @ repeat_kv(v, 2),
+    "pre_permuted_k": lambda q, k, v: torch.softmax(q @ repeat_kv(k.permute(0, 1, 3, 2), 2), -1) @ repeat_kv(v, 2),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="open bug gqa_transposed_k: with repeat_kv on a k that reaches the product "
+                                       "transposed, only v's repeat is absorbed ('repeat_kv was absorbed on only one "
+                                       "of k and v') or the layout proof fails ('k is not transposed')")
+@pytest.mark.parametrize("name", GQA_TRANSPOSED_K)
+def test_gqa_with_transposed_k_is_rewritten(name):
+    assert_equivalent(GQA_TRANSPOSED_K[name], _r(1, 2, 5, 8), _r(1, 1, 7, 8), _r(1, 1, 7, 8), expected_sites=1,
+                      options=FAST)
+
+
+@pytest.fixture
+def reference_op(monkeypatch):
+    """Run the op's CPU reference (what CPU users get without Triton's interpreter)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def _op(q, k, v, bias=None):
+    return torch.ops.flashfuse.fwd(q, k, v, bias, None, 1.0, 0.0, float("-inf"), False, -1, -1, 0.0, None)[0]
+
+
+@pytest.mark.xfail(strict=True, reason="open bug reference_dv_ne_d: the CPU reference's fused path "
+                                       "(_scaled_dot_product_flash_attention_for_cpu) needs Dv == D")
+def test_reference_value_head_dim_differs(reference_op):
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 16)
+    torch.testing.assert_close(_op(q, k, v), torch.softmax(q @ k.mT, -1) @ v)
+
+
+@pytest.mark.xfail(strict=True, reason="the CPU reference's fused path reads q with a last-dim stride != 1 as if "
+                                       "it were contiguous (garbage or NaN out)")
+@pytest.mark.parametrize("layout", ["mT", "heads_last"])
+def test_reference_query_with_strided_last_dim(reference_op, layout):
+    q = torch.randn(1, 2, 8, 8).mT if layout == "mT" else torch.randn(1, 5, 8, 2).permute(0, 3, 1, 2)
+    k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    torch.testing.assert_close(_op(q, k, v), torch.softmax(q @ k.mT, -1) @ v)
+
+
+@pytest.mark.xfail(strict=True, reason="open bug reference_huge_positive_bias: gradients of rows whose max is "
+                                       "+3.4e38 (scores - a finfo.min padding bias) are wrong in the CPU reference")
+def test_reference_huge_positive_bias_gradients(reference_op):
+    bias = torch.zeros(2, 1, 1, 4)
+    bias[0, ..., 2:] = torch.finfo(torch.float32).min
+    fn = lambda q, k, v, b: torch.softmax(q @ k.mT * 0.25 - b, -1) @ v  # noqa: E731
+    assert_equivalent(fn, _r(2, 3, 4, 16), _r(2, 3, 4, 16), _r(2, 3, 4, 16), bias, expected_sites=1, options=FAST)
+
+
+def test_open_bugs_each_have_a_regression_test():
+    source = open(__file__).read()
+    for name in OPEN_BUGS:
+        assert f"open bug {name}" in source, name
