@@ -233,7 +233,9 @@ def _choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_dims, 
     if bias != "none" and not in_baddbmm and kind != "bias_minus_scores":
         # subtracting a padding bias adds +3.4e38: legal, if odd
         huge_positive = bias == "padding_min" and "reference_huge_positive_bias" in avoid and not interpreter_active()
-        c.pick("bias_add", ("plus", "radd", "torch_add", "add_method", "iadd") + (() if huge_positive else ("sub",)))
+        # no in-place op on tanh's output: autograd saved it
+        in_place = () if kind == "tanh_no_mul" else ("iadd",)
+        c.pick("bias_add", ("plus", "radd", "torch_add", "add_method") + in_place + (() if huge_positive else ("sub",)))
 
     # masks
     masks = c.pick("masks", ("none", "padding", "causal", "padding+causal", "random", "random+causal"))
@@ -262,8 +264,8 @@ def _choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_dims, 
             c.pick("combine", ("separate", "combined"))
         applications = 2 if len(parts) == 2 and c.values["combine"] == "separate" else 1
         for i in range(applications):
-            c.pick(f"fill_form{i}", ("masked_fill", "where_keep", "where_hide", "torch_masked_fill",
-                                     "masked_fill_", "where_full", "where_tensor"))
+            c.pick(f"fill_form{i}", ("masked_fill", "where_keep", "where_hide", "torch_masked_fill")
+                   + (() if kind == "tanh_no_mul" else ("masked_fill_",)) + ("where_full", "where_tensor"))
         c.pick("negation", ("~", "logical_not", "torch_logical_not", "eq0"))
         if kind == "small_fill":
             c.pick("small_fill", SMALL_FILLS)
