@@ -108,28 +108,30 @@ def _sum_to(t, shape):
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-def _cpu_fused_ok(q, k, bias, mask, softcap, causal, window_left, window_right, dropout_p, bias_grad=False):
-    """aten's fused CPU kernel covers: no mask, softcap, window or dropout; causal only when Nq == Nk."""
+def _cpu_fused_ok(q, k, v, bias, mask, softcap, causal, window_left, window_right, dropout_p, bias_grad=False):
+    """aten's fused CPU kernel covers: no mask, softcap, window or dropout; causal only when Nq == Nk; Dv == D."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and v.shape[-1] == q.shape[-1]
             and mask is None and not softcap and dropout_p == 0.0 and window_left < 0 and window_right < 0
             and (not causal or q.shape[2] == k.shape[2])
             and (bias is None or (bias.dtype == q.dtype and not bias_grad)))
 
 
-def _fused_args(q, k, v, bias, causal):
+def _fused_args(q, k, v, bias):
+    """aten's kernel wants K/V expanded to q's heads, the bias full-size, and unit last-dim strides."""
     hq = q.shape[1]
-    k, v = _expand_kv(k, hq), _expand_kv(v, hq)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, _expand_kv(k, hq), _expand_kv(v, hq)))
     if bias is not None:
         bias = bias.expand(q.shape[0], hq, q.shape[2], k.shape[2])
-    return k, v, bias, causal
+    return q, k, v, bias
 
 
-SATURATED = -1e8  # a row max below this (and finite) cannot carry its log-sum in one fp32 number
+SATURATED = -1e8  # a finite row max beyond +-1e8 cannot carry its log-sum in one fp32 number
 HUGE_FILL = -1e30  # fills this large swallow any score added to them in fp32
 
 
 def _saturated(lse):
-    return bool(((lse < SATURATED) & torch.isfinite(lse)).any())
+    return bool(((lse.abs() > -SATURATED) & torch.isfinite(lse)).any())
 
 
 def _fused_stats(lse, bias, causal):
@@ -138,7 +140,7 @@ def _fused_stats(lse, bias, causal):
     A saturated row (a padded query: every key filled with ~finfo.min by the bias) has scores equal
     to the bias there, so its max is the bias row's max and its sum counts the keys at that max.
     """
-    saturated = (lse < SATURATED) & torch.isfinite(lse)
+    saturated = (lse.abs() > -SATURATED) & torch.isfinite(lse)
     if not bool(saturated.any()):
         return torch.stack([lse, torch.zeros_like(lse)])
     if bias is None or causal:
@@ -153,10 +155,10 @@ def _fused_stats(lse, bias, causal):
 def forward(q, k, v, bias, mask, *, scale, softcap, mask_value, causal, window_left, window_right, dropout_p, seed):
     """Blockwise online-softmax forward. Returns out (B, Hq, Nq, Dv) in q's dtype and stats (2, B, Hq, Nq)."""
     nq, nk = q.shape[2], k.shape[2]
-    if _cpu_fused_ok(q, k, bias, mask, softcap, causal, window_left, window_right, dropout_p):
-        kx, vx, bx, is_causal = _fused_args(q, k, v, bias, causal)
+    if _cpu_fused_ok(q, k, v, bias, mask, softcap, causal, window_left, window_right, dropout_p):
+        qx, kx, vx, bx = _fused_args(q, k, v, bias)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, kx, vx, 0.0, is_causal, attn_mask=bx, scale=scale)
+            qx, kx, vx, 0.0, causal, attn_mask=bx, scale=scale)
         lse = lse.to(stats_dtype(q.dtype))
         stats = _fused_stats(lse, bias, causal)
         if stats is not None:
@@ -189,11 +191,11 @@ def backward(dout, q, k, v, bias, mask, out, stats, *, scale, softcap, mask_valu
     """Blockwise backward, recomputing p from stats. Returns dq, dk, dv (shapes of q, k, v) and dbias or None."""
     nq, nk = q.shape[2], k.shape[2]
     lse = stats[0] + stats[1]
-    if _cpu_fused_ok(q, k, bias, mask, softcap, causal, window_left, window_right, dropout_p, bias_grad) \
+    if _cpu_fused_ok(q, k, v, bias, mask, softcap, causal, window_left, window_right, dropout_p, bias_grad) \
             and not _saturated(lse):
-        kx, vx, bx, is_causal = _fused_args(q, k, v, bias, causal)
+        qx, kx, vx, bx = _fused_args(q, k, v, bias)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q, kx, vx, out, lse, 0.0, is_causal, attn_mask=bx, scale=scale)
+            dout.contiguous(), qx, kx, vx, out, lse, 0.0, causal, attn_mask=bx, scale=scale)
         return dq, _group_sum(dk, k.shape[1]), _group_sum(dv, k.shape[1]), None
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, hq = q.shape[:2]

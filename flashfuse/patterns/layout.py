@@ -39,7 +39,10 @@ def is_feature_axis(node, dim, depth=0):
     if key is None or depth > _MAX_DEPTH:
         return dim == rank - 1
     src = node.args[0] if node.args else None
-    step = _source_dim(node, key, src, dim, rank)
+    if key in (torch.einsum, torch.functional.einsum):
+        step = _einsum_source(node, dim)
+    else:
+        step = _source_dim(node, key, src, dim, rank)
     if step is _ROOT:
         return dim == rank - 1
     if step is None:
@@ -66,6 +69,8 @@ def _source_dim(node, key, src, dim, rank):  # noqa: C901  (one case per layout 
     if key in ("permute", torch.permute):
         dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
         return src, dims[dim] % rank
+    if key in ("movedim", "moveaxis", torch.movedim, torch.moveaxis):
+        return src, _moved_order(node.args[1], node.args[2], rank)[dim]
     if key in ("unsqueeze", torch.unsqueeze):
         d = node.args[1] % rank
         return None if dim == d else (src, dim - (dim > d))
@@ -73,6 +78,9 @@ def _source_dim(node, key, src, dim, rank):  # noqa: C901  (one case per layout 
         lead = rank - src_rank
         return None if dim < lead else (src, dim - lead)
     if key in ("view", "reshape", torch.reshape, "flatten", "unflatten", "view_as", "reshape_as"):
+        repeated = unrepeat_kv(node)
+        if repeated is not None and dim >= 2:  # repeat_kv keeps the token and feature dims
+            return repeated[0], dim
         return _reshape_source(node, src, dim, rank, src_rank)
     if key is operator.getitem:
         return _getitem_source(node, src, dim, rank, src_rank)
@@ -86,6 +94,29 @@ def _source_dim(node, key, src, dim, rank):  # noqa: C901  (one case per layout 
         first = node.args[0][0] if node.args and isinstance(node.args[0], (list, tuple)) else None
         return (first, dim) if isinstance(first, Node) and _rank(first) == rank else None
     return _ROOT
+
+
+def _moved_order(source, destination, rank):
+    """For x.movedim(source, destination): the input dim that each output dim comes from."""
+    sources = [d % rank for d in (source if isinstance(source, (list, tuple)) else [source])]
+    targets = [d % rank for d in (destination if isinstance(destination, (list, tuple)) else [destination])]
+    order = [d for d in range(rank) if d not in sources]
+    for target, source_dim in sorted(zip(targets, sources)):
+        order.insert(target, source_dim)
+    return order
+
+
+def _einsum_source(node, dim):
+    """A one-operand einsum that only permutes ("bhnd->bhdn"): the input dim of output dim `dim`."""
+    operands = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) \
+        else list(node.args[1])
+    equation = node.args[0].replace(" ", "") if isinstance(node.args[0], str) else ""
+    if len(operands) != 1 or "->" not in equation or "..." in equation or not isinstance(operands[0], Node):
+        return None
+    lhs, out = equation.split("->")
+    if sorted(lhs) != sorted(out) or len(set(lhs)) != len(lhs):
+        return None
+    return operands[0], lhs.index(out[dim])
 
 
 def _reshape_source(node, src, dim, rank, src_rank):

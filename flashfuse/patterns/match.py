@@ -110,7 +110,10 @@ def _check_operands(plan):
         raise Refuse("p.v does not contract v's token dim")
     _fold_operand_scales(plan)
     for operand in (k, v):
-        if not operand.transpose and tensor_of(operand.node).dim() == 4:
+        rows = layout.swapped_last_two(operand.node) if operand.transpose else None
+        if rows is not None:  # a transpose found under a folded scale or an einsum
+            operand.node, operand.transpose = rows, False
+        if tensor_of(operand.node).dim() == 4:
             found = layout.unrepeat_kv(operand.node)
             if found is not None:
                 operand.node, operand.group = found
