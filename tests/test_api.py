@@ -120,3 +120,23 @@ def test_dynamic_shapes():
         before = sum(CALLS.values())
         assert relative_error(compiled(q, k, v, b), fn(q, k, v, b)) < FORWARD[torch.float32]
         assert sum(CALLS.values()) == before + 1
+
+
+def test_mode_and_inductor_options_are_forwarded(monkeypatch):
+    seen = []
+    import torch._inductor.compile_fx as compile_fx_module
+    real = compile_fx_module.compile_fx
+
+    def spy(gm, example_inputs, config_patches=None, **kwargs):
+        seen.append(config_patches)
+        return real(gm, example_inputs, config_patches=config_patches, **kwargs)
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.25, -1) @ v  # noqa: E731
+    q, k, v = qkv()
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="flashfuse", mode="max-autotune-no-cudagraphs")(q, k, v)
+    torch._dynamo.reset()
+    torch.compile(fn, backend="flashfuse", options={"epilogue_fusion": False})(q, k, v)
+    patches = [p for p in seen if p]  # compile_fx calls itself again once the patches are applied
+    assert patches[0]["max_autotune"] is True and patches[1] == {"epilogue_fusion": False}
+    assert relative_error(out, fn(q, k, v)) < FORWARD[torch.float32]
