@@ -38,6 +38,14 @@ def test_near_misses_are_left_alone_and_equivalent(program):
     check_program(program)
 
 
+@pytest.mark.slow
+@settings(max_examples=8)
+@given(attention_programs())
+def test_programs_through_inductor(program):
+    """The same check with inductor compiling the rewritten graph (slow on a CPU: pytest -m slow)."""
+    check_program(program, options=fuzz_options("inductor"))
+
+
 # ---------------------------------------------------------------- the strategy itself (no compilation)
 
 _NO_COMPILE = settings(max_examples=400, deadline=None, derandomize=True, database=None,
