@@ -12,8 +12,8 @@ from torch.fx import Node
 
 from flashfuse.kernels import op as flash_op
 from flashfuse.patterns.layout import known_equal
-from flashfuse.patterns.plan import Refuse
 from flashfuse.patterns.ops import meta
+from flashfuse.patterns.plan import Refuse, shape_of
 
 
 class _Builder:
@@ -51,10 +51,6 @@ def _value(fn, args, kwargs, method):
         return fn(*args, **kwargs)
 
 
-def _shape(node):
-    return tuple(meta(node).shape)
-
-
 def _size(b, node, dim):
     n = meta(node).shape[dim]
     return n if isinstance(n, int) else b("size", node, dim, method=True)
@@ -72,9 +68,9 @@ def _broadcast_arg(b, node, full, what):
     if rank > 4:
         raise Refuse(f"the {what} has rank {rank}")
     node = _to_4d(b, node)
-    for n, f in zip(_shape(node), full):
+    for n, f in zip(shape_of(node), full):
         if not (known_equal(n, 1) or known_equal(n, f)):
-            raise Refuse(f"the {what} of shape {_shape(node)} does not broadcast to the scores {tuple(full)}")
+            raise Refuse(f"the {what} of shape {shape_of(node)} does not broadcast to the scores {tuple(full)}")
     return node
 
 
@@ -121,7 +117,7 @@ def _regroup(b, plan, node, batch, what):
     canon = plan.scores_shape[:-2]
     if _same(batch, canon):
         return node
-    if not _same(_shape(node)[:-2], batch):
+    if not _same(shape_of(node)[:-2], batch):
         raise Refuse(f"{what} broadcasts over batch dims that the scores regroup")
     sizes = [_size(b, plan.scores_node, i) for i in range(len(canon))]
     return b("reshape", node, *sizes, _size(b, node, -2), _size(b, node, -1), method=True)
@@ -134,7 +130,7 @@ def _regroup_term(b, plan, node, layout, what):
         return node
     while meta(node).dim() < 2:
         node = b(torch.unsqueeze, node, 0)
-    shape = _shape(node)
+    shape = shape_of(node)
     lead = (1,) * (len(layout) - len(shape)) + shape[:-2]
     tail = [_size(b, node, -2), _size(b, node, -1)]
     if all(known_equal(n, 1) for n in lead):
@@ -152,8 +148,8 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
     q, k, v = plan.q.node, plan.k.node, plan.v.node
     if plan.k.transpose:
         k = b(torch.transpose, k, -2, -1)
-    qk_batch = _shape(plan.product)[:-2] if plan.product is not None else plan.scores_shape[:-2]
-    pv_batch = _shape(plan.output)[:-2]
+    qk_batch = shape_of(plan.product)[:-2] if plan.product is not None else plan.scores_shape[:-2]
+    pv_batch = shape_of(plan.output)[:-2]
     q, k = _regroup(b, plan, q, qk_batch, "q"), _regroup(b, plan, k, qk_batch, "k")
     v = _regroup(b, plan, v, pv_batch, "v")
     for t, kind in plan.scale_tensors:
@@ -164,7 +160,7 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
     if meta(v).dtype != dtype:
         v = b("to", v, dtype, method=True)
     q, k, v = _to_4d(b, q), _to_4d(b, k), _to_4d(b, v)
-    (bq, hq), (bk, hk), (bv, hv) = _shape(q)[:2], _shape(k)[:2], _shape(v)[:2]
+    (bq, hq), (bk, hk), (bv, hv) = shape_of(q)[:2], shape_of(k)[:2], shape_of(v)[:2]
     gk, gv = plan.k.group, plan.v.group
     if not (known_equal(bk, bv) and known_equal(hk * gk, hv * gv)):
         raise Refuse("k and v differ in batch or heads")
@@ -184,7 +180,7 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
             q = b("expand", q, -1, heads, -1, -1, method=True)
         else:
             raise Refuse(f"{hq} query heads and {hk * gk} key heads do not broadcast")
-    full = (_shape(q)[0], _shape(q)[1], _shape(q)[2], _shape(k)[2])
+    full = (shape_of(q)[0], shape_of(q)[1], shape_of(q)[2], shape_of(k)[2])
     bias = _combined_bias(b, plan, full)
     mask = _combined_mask(b, plan, full)
     seed = b(flash_op.new_seed, q) if plan.dropout_p > 0 else None
@@ -198,7 +194,7 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
     want = meta(plan.output)
     while meta(out).dim() > len(plan.scores_shape):
         out = b(torch.squeeze, out, 0)
-    if not _same(_shape(out)[:-2], pv_batch):
+    if not _same(shape_of(out)[:-2], pv_batch):
         sizes = [_size(b, plan.p, i) for i in range(len(pv_batch))]
         out = b("reshape", out, *sizes, _size(b, out, -2), _size(b, out, -1), method=True)
     if meta(out).dtype != want.dtype:
