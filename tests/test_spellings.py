@@ -355,3 +355,10 @@ def test_index_built_mask_with_padding_stays_a_bias():
     fn = lambda q, k, v, pad: torch.softmax(q @ k.mT * 0.25 + hf_mask(NQ, NQ, padding=pad), -1) @ v  # noqa: E731
     sites = assert_equivalent(fn, *qkv(nk=NQ), pad, expected_sites=1, options=FAST)
     assert sites[0].spec["bias"] is True and sites[0].spec["causal"] is False
+
+
+def test_fill_scaled_past_the_dtype_range_becomes_minus_inf():
+    # finfo.min / 0.125 overflows to -inf in the scores' dtype; the op must get -inf, not a float it cannot hold
+    fn = lambda q, k, v, keep: torch.softmax((q @ k.mT).masked_fill(~keep, MIN) / 0.125, -1) @ v  # noqa: E731
+    sites = assert_equivalent(fn, *qkv(), padding_mask(), expected_sites=1, options=FAST)
+    assert sites[0].rewritten

@@ -16,6 +16,11 @@ from flashfuse.patterns.products import score_product
 LARGE_NEGATIVE = -1e4  # a fill at or below this hides a key: exp(fill - max) underflows to 0 in fp32
 
 
+def _rounded(value, node):
+    """A fill value as the scores' dtype holds it: finfo.min * 8 overflows to -inf there, as in eager."""
+    return torch.tensor(value, dtype=torch.float64).to(tensor_of(node).dtype).item()
+
+
 def chain_back(x, depth=0):
     """Ops from the product to the softmax input, product first; None if no product is reached."""
     if not isinstance(x, Node) or depth > 32:
@@ -80,8 +85,8 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
             raise Refuse("a negative scale after a mask")
         plan.scale *= c
         plan.bias = [(b, w * c, shape) for b, w, shape in plan.bias]
-        if math.isfinite(plan.mask_value):
-            plan.mask_value *= c
+        if plan.hide:
+            plan.mask_value = _rounded(plan.mask_value * c, node)
         return
     if kind == "tanh":
         if plan.bias or plan.hide or state.get("capped"):
@@ -113,6 +118,7 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
         else:
             hide, fill, negate = args["cond"], args["a"], False
         value = constant(fill)
+        value = None if value is None else _rounded(value, node)
         if value is None or not (value <= LARGE_NEGATIVE):
             raise Refuse(f"masked_fill/where with value {fill} is not a mask (needs -inf or a large negative)")
         t = tensor_of(hide)
