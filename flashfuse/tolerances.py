@@ -37,9 +37,10 @@ def assert_close(actual, expected, dtype, what="forward", name="output"):
 def gradients_error(actual, expected):
     """Largest per-tensor error over a list of gradients (None entries skipped).
 
-    Each tensor's error is relative to max(its own norm, 1e-3 x the norm of all gradients together),
+    Each tensor's error is relative to max(its own norm, 1e-2 x the norm of all gradients together),
     so a gradient that is zero in exact arithmetic (a key-projection bias, whose shift every softmax
-    row cancels) is judged against the model's gradient scale instead of its own rounding noise.
+    row cancels; q and k when there is a single key) is judged against the gradients' overall scale
+    instead of its own rounding noise.
     """
     pairs = [(a, e) for a, e in zip(actual, expected) if e is not None]
     if any(a is None for a, _ in pairs):
@@ -50,5 +51,5 @@ def gradients_error(actual, expected):
         a, e = a.detach().double(), e.detach().double()
         if torch.isnan(a).any() != torch.isnan(e).any():
             return float("inf")
-        worst = max(worst, (a - e).norm().item() / max(e.norm().item(), 1e-3 * total, 1e-30))
+        worst = max(worst, (a - e).norm().item() / max(e.norm().item(), 1e-2 * total, 1e-30))
     return worst
