@@ -1061,9 +1061,9 @@ def check_program(program: Program, options=None, grad=None):
 #: How much further from the float64 result than allowed (see judge_against_oracle) the compiled program may be.
 ORACLE_SLACK = 2.0
 #: The rounding floor of judge_against_oracle, relative to the norm of all gradients: bf16's eps, and for float32
-#: 1e-5 (10x tolerances.gradients_error's floor): with one key per row, a flash backward's
-#: dS = P * (dP - rowsum(dO * O)) cancels to rounding noise of a few 1e-6 of the gradients' scale, where
-#: eager's softmax backward gives exactly 0.
+#: 1e-5 (its gradient tolerance times tolerances.gradients_error's floor of 1e-2): with one key per row, a flash
+#: backward's dS = P * (dP - rowsum(dO * O)) cancels to rounding noise of a few 1e-6 of the gradients' scale,
+#: where eager's softmax backward gives exactly 0.
 ROUNDING_FLOOR = {torch.float32: 1e-5, torch.bfloat16: torch.finfo(torch.bfloat16).eps,
                   torch.float16: torch.finfo(torch.float16).eps}
 
@@ -1095,7 +1095,7 @@ def judge_against_oracle(program: Program, options=None, grad=True):
 
         ||c - o|| <= ORACLE_SLACK * max(tol * ||o||, ||e - o||, eps * total)
 
-    tol: the dtype's tolerance (tolerances.FORWARD / GRADIENT; for gradients ||o|| is floored at 1e-3 x
+    tol: the dtype's tolerance (tolerances.FORWARD / GRADIENT; for gradients ||o|| is floored at 1e-2 x
     total, as gradients_error does); ||e - o||: eager's own error; eps * total: rounding at the scale of
     all gradients together (total: their float64 norm; for outputs, ||o||), the most a gradient that is
     zero in exact arithmetic can be trusted to; eps is ROUNDING_FLOOR[dtype].
@@ -1143,7 +1143,7 @@ def judge_against_oracle(program: Program, options=None, grad=True):
     if grad and o_grad:
         total = sum(norm(o) ** 2 for o in o_grad) ** 0.5
         for i, (c, e, o) in enumerate(zip(c_grad, e_grad, o_grad)):
-            scale = max(norm(o), 1e-3 * total)
+            scale = max(norm(o), 1e-2 * total)
             allowed = ORACLE_SLACK * max(GRADIENT[dtype] * scale, error(e, o), eps * total)
             if not error(c, o) <= allowed:
                 problems.append(f"gradient {i}: error against float64 {error(c, o):.3g} > {allowed:.3g} allowed "
@@ -1151,15 +1151,15 @@ def judge_against_oracle(program: Program, options=None, grad=True):
     return "; ".join(problems) or None
 
 
-#: Known kernel gaps check_program does not assert, by name: what they are.
-KNOWN_GAPS = {
-    "fully_masked_rows_interpreter_grad": "under TRITON_INTERPRET=1, gradients of rows whose every key is hidden "
-                                          "by a huge finite fill (finfo.min, -1e9) can be wrong",
-}
+#: Known kernel gaps whose gradients check_program leaves unchecked, by name. The one it was written for
+#: ("fully_masked_rows_interpreter_grad": under TRITON_INTERPRET=1, rows whose every key is hidden by a huge
+#: finite fill) no longer shows (docs/fuzzing.md), so none is skipped; put the name back to skip it again.
+KNOWN_GAPS = {}
 
 
 def skip_gradients(program: Program) -> bool:
     """True for programs in a known gap (KNOWN_GAPS) whose gradients check_program leaves unchecked."""
     if os.environ.get("FLASHFUSE_FUZZ_STRICT") == "1":
         return False
-    return program.fully_masked_rows and program.is_attention and interpreter_active()
+    return ("fully_masked_rows_interpreter_grad" in KNOWN_GAPS and program.fully_masked_rows
+            and program.is_attention and interpreter_active())
