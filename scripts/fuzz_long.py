@@ -9,6 +9,8 @@ one failure (shrunk to a minimal program and written to the log) does not end th
 drawn (the spellings covered), and every failure with its minimal program. TRITON_INTERPRET=0 runs the
 op's pure-torch reference on the CPU (fast); TRITON_INTERPRET=1 runs the Triton kernels in Triton's
 interpreter (slow). Keep shapes tiny on a CPU: the defaults are B <= 2, H <= 3, N <= 8, D in {8, 16}.
+
+    python scripts/fuzz_long.py --merge fuzz.json fuzz-interp.json    # markdown summary of several runs
 """
 import argparse
 import collections
@@ -20,7 +22,36 @@ import time
 import traceback
 
 
+def merge(paths):
+    """Markdown: the summaries of several runs together (programs, failures, and every choice's count)."""
+    runs = [json.load(open(p)) for p in paths]
+    total = {key: sum(r[key] for r in runs) for key in ("programs_run", "programs_generated", "attention_programs",
+                                                       "near_misses", "sites_expected")}
+    coverage = collections.defaultdict(collections.Counter)
+    for r in runs:
+        for name, counts in r["coverage"].items():
+            coverage[name].update(counts)
+    described = ", ".join(f"TRITON_INTERPRET={r['triton_interpret']}: {r['programs_generated']} programs in "
+                          f"{r['seconds'] / 60:.0f} min" for r in runs)
+    lines = [f"- runs: {len(runs)} ({described})",
+             f"- programs generated: {total['programs_generated']} ({total['attention_programs']} attention, "
+             f"{total['near_misses']} near misses; {total['sites_expected']} sites expected to be rewritten); "
+             f"programs run, shrinking included: {total['programs_run']}",
+             f"- failures: {sum(len(r['failures']) for r in runs)}", "", "| choice | count by option |", "|---|---|"]
+    for name in sorted(coverage):
+        counts = ", ".join(f"{value}: {n}" for value, n in coverage[name].most_common())
+        lines.append(f"| `{name}` | {counts} |")
+    for r in runs:
+        for f in r["failures"]:
+            lines += ["", f"Failure (chunk seed {f['chunk_seed']}): {f['message']}", "```python", f["source"] or "",
+                      "```"]
+    return "\n".join(lines)
+
+
 def main(argv=None):
+    if argv is None and sys.argv[1:2] == ["--merge"]:
+        print(merge(sys.argv[2:]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=10_000, help="programs to generate in all")
     parser.add_argument("--chunk", type=int, default=500, help="programs per Hypothesis run (one seed each)")

@@ -98,7 +98,8 @@ class _Picker:
         return value
 
     def integer(self, name, lo, hi):
-        value = self.draw(st.integers(lo, hi))
+        """Uniform over lo..hi (st.integers favours the ends); shrinks to lo."""
+        value = self.draw(st.sampled_from(range(lo, hi + 1)))
         self.values[name] = value
         return value
 
@@ -249,7 +250,7 @@ def _choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_dims, 
     needs_pads = "padding" in parts or bias in ("padding_min", "padding_inf", "hf_long")
     if needs_pads:
         c.pick("pad_side", ("left", "right"))
-        c.set("pads", tuple(draw(st.integers(0, nk - 1)) for _ in range(c.values["B"])))
+        c.set("pads", tuple(draw(st.sampled_from(range(nk))) for _ in range(c.values["B"])))
     mask_applied = bool(parts) and kind != "mask_after_softmax"
     if mask_applied:
         if len(parts) == 2:
@@ -295,7 +296,7 @@ def _choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_dims, 
     else:
         c.pick("output", ("as_is", "merge") if three_d else ("as_is", "merge_reshape", "merge_contiguous_view",
                                                                "permute_flatten"))
-    c.integer("seed", 0, 2**16)
+    c.set("seed", draw(st.integers(0, 2**16)))
     return c.values
 
 
