@@ -263,7 +263,8 @@ def _choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_dims, 
         if kind == "small_fill":
             c.pick("small_fill", SMALL_FILLS)
         else:
-            fill = c.pick("fill", FILLS)
+            bf16_1e4 = c.values["dtype"] == "bfloat16" and "bf16_fill_minus_1e4" in avoid and kind == "attention"
+            fill = c.pick("fill", tuple(f for f in FILLS if not (bf16_1e4 and f == "-1e4")))
             if fill == "-inf":
                 c.pick("inf_spelling", ("float", "math"))
             if bias != "none" and not in_baddbmm and fill == "-inf" and scale != "after_bias":
@@ -303,7 +304,10 @@ def _choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_dims, 
 #: Open bugs the drawn programs can steer around, by name, so that a long run finds new ones: each gets a strict
 #: xfail regression test in tests/test_fuzz.py and a condition on `name in avoid` in _choices; drop both once
 #: it is fixed. Every bug found so far is fixed (tests/test_fuzz.py, "regressions").
-OPEN_BUGS = {}
+OPEN_BUGS = {
+    "bf16_fill_minus_1e4": "a -1e4 fill on bf16 scores is refused: it is rounded to bf16 (-9984) before the "
+                           "'<= -1e4' test of a mask (chain.py, since abb811b)",
+}
 
 
 def attention_programs(attention: Optional[bool] = None, dtypes=("float32", "float32", "float32", "bfloat16"),
