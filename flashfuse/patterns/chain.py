@@ -118,9 +118,9 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
         else:
             hide, fill, negate = args["cond"], args["a"], False
         value = constant(fill)
-        value = None if value is None else _rounded(value, node)
         if value is None or not (value <= LARGE_NEGATIVE):
             raise Refuse(f"masked_fill/where with value {fill} is not a mask (needs -inf or a large negative)")
+        value = _rounded(value, node)  # -1e4 is -9984 in bf16
         t = tensor_of(hide)
         if t is None or t.dtype != torch.bool:
             raise Refuse("a mask that is not a bool tensor")
