@@ -362,3 +362,13 @@ def test_fill_scaled_past_the_dtype_range_becomes_minus_inf():
     fn = lambda q, k, v, keep: torch.softmax((q @ k.mT).masked_fill(~keep, MIN) / 0.125, -1) @ v  # noqa: E731
     sites = assert_equivalent(fn, *qkv(), padding_mask(), expected_sites=1, options=FAST)
     assert sites[0].rewritten
+
+
+def test_scale_on_k_under_a_transpose_that_einsum_contracts_back():
+    # found by the fuzzer: the scale was folded and the multiply kept, scaling the scores twice
+    def fn(q, k, v):
+        k = k * D**-0.5
+        return F.softmax(torch.einsum("bqd,bdk->bqk", q, k.transpose(-1, -2)), dim=-1) @ v
+    assert_equivalent(fn, rand(B, NQ, D), rand(B, NK, D), rand(B, NK, D), expected_sites=1, options=FAST)
+    fn4 = lambda q, k, v: torch.softmax(q @ (repeat_kv(k, 2).transpose(-1, -2) * 0.3), -1) @ repeat_kv(v, 2)  # noqa: E731
+    assert_equivalent(fn4, *qkv(hkv=HKV), expected_sites=1, options=FAST)

@@ -108,10 +108,14 @@ def _check_operands(plan):
         raise Refuse("the product does not contract k's feature (head) dim: k is not transposed")
     if not layout.is_feature_axis(v.node, -1) or layout.is_feature_axis(v.node, -2):
         raise Refuse("p.v does not contract v's token dim")
-    _fold_operand_scales(plan)
     for operand in (k, v):
         rows = layout.swapped_last_two(operand.node) if operand.transpose else None
-        if rows is not None:  # a transpose found under a folded scale or an einsum
+        if rows is not None:  # k.transpose(-1, -2) handed to an einsum that contracts it back
+            operand.node, operand.transpose = rows, False
+    _fold_operand_scales(plan)  # after the peel: the folded multiplies are bypassed below plan's nodes
+    for operand in (k, v):
+        rows = layout.swapped_last_two(operand.node) if operand.transpose else None
+        if rows is not None and not any(rows is m for _, m, _ in plan.bypass):  # a transpose under a folded scale
             operand.node, operand.transpose = rows, False
         if tensor_of(operand.node).dim() == 4:
             found = layout.unrepeat_kv(operand.node)
