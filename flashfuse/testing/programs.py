@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from hypothesis import assume
 from hypothesis import strategies as st
 
 NEAR_MISSES = (
@@ -108,6 +109,13 @@ class _Picker:
         return value
 
 
+def _scale_factor(value, op, d):
+    """What a drawn scale (value, op) multiplies the scores by."""
+    if value == "sqrt_d":
+        return d ** -0.5
+    return 1.0 / value if "div" in op else value
+
+
 def _divisors_desc(n):
     return [d for d in range(n, 0, -1) if n % d == 0]
 
@@ -185,14 +193,16 @@ def _choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_dims, 
             c.pick("einsum_form", ("dk",) if kt == "pre_permuted" else ("kd", "dk"))
     baddbmm = product.startswith("baddbmm")
 
-    # scale
-    placements = ["none", "after", "on_q", "on_k", "on_kT", "both_quarter", "tensor"]
+    # scale (bf16 under the interpreter: no softmax more peaked than with the usual D ** -0.5, see OPEN_BUGS)
+    peaked_ok = not (kind == "attention" and c.values["dtype"] == "bfloat16" and interpreter_active()
+                     and "triton_bf16_peaked_backward" in avoid)
+    placements = (["none"] if peaked_ok else []) + ["after", "on_q", "on_k", "on_kT", "both_quarter", "tensor"]
     if baddbmm:
         placements.append("alpha")
     scale = c.pick("scale", placements + ["after_bias", "after_mask"])  # the last two need a bias / mask
     if scale == "tensor":
         c.pick("scale_tensor", ("full", "tensor", "buffer", "param"))
-        c.pick("scale_op", ("mul", "div"))
+        c.pick("scale_op", ("mul", "div") if peaked_ok else ("mul",))
     elif scale in ("after", "after_bias", "after_mask"):
         c.pick("scale_op", ("div", "mul", "rmul", "div_method", "mul_method", "idiv", "imul", "div_",
                             "torch_mul", "torch_div"))
@@ -200,10 +210,11 @@ def _choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_dims, 
         c.pick("scale_op", ("mul", "div"))
     if scale == "on_q" and layout in ("proj", "proj3d"):
         c.pick("scale_site", ("heads", "projection"))
-    if scale not in ("none", "both_quarter", "tensor"):
-        c.pick("scale_value", ("sqrt_d", 0.125, 0.3, 1.7))
-    elif scale == "tensor":
-        c.pick("scale_value", (0.125, 0.3, 1.7))
+    if scale != "none" and scale != "both_quarter":
+        values = ("sqrt_d", 0.125, 0.3, 1.7) if scale != "tensor" else (0.125, 0.3, 1.7)
+        if not peaked_ok:
+            values = tuple(v for v in values if _scale_factor(v, c.values.get("scale_op", "mul"), d) <= d ** -0.5)
+        c.pick("scale_value", values)
 
     # bias (baddbmm's input adds it before anything else: then no softcap and no tensor scale follow)
     patterns = PATTERNS_3D if three_d else PATTERNS_4D
@@ -263,8 +274,7 @@ def _choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_dims, 
         if kind == "small_fill":
             c.pick("small_fill", SMALL_FILLS)
         else:
-            bf16_1e4 = c.values["dtype"] == "bfloat16" and "bf16_fill_minus_1e4" in avoid and kind == "attention"
-            fill = c.pick("fill", tuple(f for f in FILLS if not (bf16_1e4 and f == "-1e4")))
+            fill = c.pick("fill", FILLS)
             if fill == "-inf":
                 c.pick("inf_spelling", ("float", "math"))
             if bias != "none" and not in_baddbmm and fill == "-inf" and scale != "after_bias":
@@ -305,8 +315,10 @@ def _choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_dims, 
 #: xfail regression test in tests/test_fuzz.py and a condition on `name in avoid` in _choices; drop both once
 #: it is fixed. Every bug found so far is fixed (tests/test_fuzz.py, "regressions").
 OPEN_BUGS = {
-    "bf16_fill_minus_1e4": "a -1e4 fill on bf16 scores is refused: it is rounded to bf16 (-9984) before the "
-                           "'<= -1e4' test of a mask (chain.py, since abb811b)",
+    "triton_bf16_peaked_backward": "the Triton backward in bf16 is 3-12x less accurate than eager bf16 in dq and dk "
+                                   "on peaked softmaxes (scores with std ~10): delta = rowsum(dO * O) reads the "
+                                   "bf16-rounded O (flash_bwd._bwd_preprocess); steered around under "
+                                   "TRITON_INTERPRET=1 by keeping bf16 attention at the usual scale or below",
 }
 
 
@@ -328,8 +340,7 @@ def attention_programs(attention: Optional[bool] = None, dtypes=("float32", "flo
     if unknown:
         raise ValueError(f"unknown names in avoid: {sorted(unknown)}; known: {sorted(OPEN_BUGS)}")
     dtypes = tuple(str(d).replace("torch.", "") for d in dtypes)
-    return _choices(attention, dtypes, max_batch, max_heads, max_seq, tuple(head_dims),
-                    frozenset(avoid)).map(build_program)
+    return _programs(attention, dtypes, max_batch, max_heads, max_seq, tuple(head_dims), frozenset(avoid))
 
 
 # ---------------------------------------------------------------- writing the source
@@ -975,41 +986,41 @@ def _rows_all(hide):
     return bool(hide.all(dim=-1).any()) if hide.numel() else False
 
 
-def _analyse(builder):
-    """(some row is all -inf: NaN, some row sees no key through finite fills)."""
-    hiding = builder.hiding
-    if not hiding:
-        return False, False
-    shape = (builder.B, builder.H, builder.NQ, builder.NK)
-    inf = torch.zeros(shape, dtype=torch.bool)
-    every = torch.zeros(shape, dtype=torch.bool)
-    for hide, is_inf in hiding:
+def _fully_masked(builder):
+    """Some query row sees no key: every key is hidden (by a mask, or a padding bias)."""
+    every = torch.zeros(builder.B, builder.H, builder.NQ, builder.NK, dtype=torch.bool)
+    for hide, _ in builder.hiding:
         every |= hide
-        if is_inf:
-            inf |= hide
-    return _rows_all(inf), _rows_all(every)
+    return _rows_all(every)
 
 
 _COUNTER = [0]
 
 
-def build_program(choices: dict) -> Program:
-    """Write, exec and instantiate the program a dict of choices describes (as drawn by attention_programs).
+class NaNProgram(ValueError):
+    """The choices make a program whose eager output has NaN (a row with every key at -inf)."""
 
-    A row that every key hides with -inf gives NaN in eager code too; when the choices would make
-    one, left padding becomes right padding (which never hides key 0; causal and random masks keep it).
-    """
-    choices = dict(choices)
+
+def _repairs(choices):
+    """The choices, then the same with left padding made right padding, then with no padding."""
+    yield choices
+    if choices.get("pad_side") == "left":
+        choices = dict(choices, pad_side="right")
+        yield choices
+    if any(choices.get("pads", ())):
+        yield dict(choices, pads=(0,) * len(choices["pads"]))
+
+
+def _has_nan(module, inputs):
+    with torch.no_grad():
+        out = module(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    return any(torch.isnan(o).any() for o in outs if o.is_floating_point())
+
+
+def _instantiate(choices):
     builder = _Builder(choices)
     source = builder.build()
-    nan_rows, empty_rows = _analyse(builder)
-    if nan_rows and choices.get("pad_side") == "left":
-        choices["pad_side"] = "right"
-        builder = _Builder(choices)
-        source = builder.build()
-        nan_rows, empty_rows = _analyse(builder)
-    if nan_rows:  # not reachable by the drawn choices; kept as a guard for hand-written ones
-        raise ValueError("these choices hide every key of a row with -inf")
     _COUNTER[0] += 1
     filename = f"<flashfuse-program-{_COUNTER[0]}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -1018,10 +1029,36 @@ def build_program(choices: dict) -> Program:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(choices["seed"])
         module = namespace["Program"]().to(getattr(torch, choices["dtype"])).eval()
+    return builder, source, module
+
+
+def build_program(choices: dict) -> Program:
+    """Write, exec and instantiate the program a dict of choices describes (as drawn by attention_programs).
+
+    A row that every key hides with -inf gives NaN in eager code too (so does finfo.min scaled past the
+    dtype's range), and a NaN output proves nothing. When eager gives NaN, left padding becomes right
+    padding (which never hides key 0; causal and random masks keep it), then no padding; the program's
+    `choices` are the repaired ones. Raises NaNProgram if none of them helps.
+    """
+    for choices in _repairs(dict(choices)):
+        builder, source, module = _instantiate(choices)
+        inputs = tuple(builder.src.inputs)
+        if not _has_nan(module, inputs):
+            break
+    else:
+        raise NaNProgram("eager gives NaN for these choices, with and without padding")
     kind = choices["kind"]
     sites = choices.get("calls", 1) if kind == "attention" else 0
-    return Program(source, module, tuple(builder.src.inputs), kind == "attention", sites, choices,
-                   fully_masked_rows=empty_rows)
+    return Program(source, module, inputs, kind == "attention", sites, choices,
+                   fully_masked_rows=_fully_masked(builder))
+
+
+@st.composite
+def _programs(draw, *args):
+    try:
+        return build_program(draw(_choices(*args)))
+    except NaNProgram:
+        assume(False)
 
 
 # ---------------------------------------------------------------- checking a program
