@@ -271,9 +271,10 @@ def test_einsum_with_scaled_k_transposed_for_the_product(equation, shape):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernels' accuracy (the CPU "
                                                                       "reference computes delta in float32)")
-@pytest.mark.xfail(strict=True, reason="open bug triton_bf16_peaked_backward: delta = rowsum(dO * O) is computed from "
+@pytest.mark.xfail(strict=True, reason="open bug bf16_peaked_gradients: delta = rowsum(dO * O) is computed from "
                                        "the bf16-rounded O, so dS = P * (dP - delta) loses the cancellation that eager "
-                                       "keeps: dq and dk are 0.048 and 0.098 from float64 where eager bf16 is 0.008 and 0.006")
+                                       "keeps: dq and dk are 0.048 and 0.098 from float64 where eager bf16 is 0.008 "
+                                       "and 0.006")
 def test_bf16_backward_of_a_peaked_softmax_is_as_accurate_as_eager():
     from flashfuse.tolerances import GRADIENT, relative_error
     torch.manual_seed(4)
@@ -292,6 +293,18 @@ def test_bf16_backward_of_a_peaked_softmax_is_as_accurate_as_eager():
     for name, e, f, o in zip("qkv", eager, fused, exact):
         allowed = 2 * max(GRADIENT[torch.bfloat16], relative_error(e, o))
         assert relative_error(f, o) <= allowed, f"d{name}: {relative_error(f, o):.3g} > {allowed:.3g}"
+
+
+@pytest.mark.xfail(strict=True, reason="open bug bf16_peaked_gradients: a runtime temperature's gradient flows through "
+                                       "q / t in bf16 (the rewrite scales q by it); on a peaked softmax it is 4-6x off "
+                                       "where eager bf16 is 1% off")
+def test_bf16_runtime_temperature_gradient_on_a_peaked_softmax():
+    check_program(build_program({
+        "kind": "attention", "dtype": "bfloat16", "layout": "inputs", "B": 1, "H": 1, "HKV": 1, "D": 8, "DV": 8,
+        "NQ": 8, "NK": 3, "gqa": "none", "product": "at", "kT": "transpose_m1m2", "scale": "tensor",
+        "scale_tensor": "param", "scale_op": "div", "scale_value": 0.125, "bias": "none", "softcap": "none",
+        "masks": "none", "softmax": "functional", "dropout": "none", "value_product": "at", "output": "as_is",
+        "seed": 0}))
 
 
 def test_open_bugs_each_have_a_regression_test():
