@@ -16,8 +16,9 @@ Near misses (`program.is_attention` False) take an attention program and change 
 one place (softmax over queries, a missing transpose, weights returned, a small fill value...):
 they must be left alone (0 sites) and still compute what eager does.
 
-Every choice is drawn with `sampled_from` / `integers`, simplest first, and the source is built
-from the choices alone, so Hypothesis shrinks a failure to a short program. `build_program(choices)`
+Every choice is drawn with `sampled_from` (sizes too: uniform, where `integers` favours the ends),
+simplest option first, and the source is built from the choices alone, so Hypothesis shrinks a
+failure to a short program. `build_program(choices)`
 rebuilds a program from its `choices` dict, for regression tests.
 """
 import linecache
@@ -45,7 +46,7 @@ NEAR_MISSES = (
     "log_softmax",          # log_softmax instead of softmax
     "manual_softmax",       # exp / sum, no softmax op
 )
-#: Near misses that need Nk == D (or Nk == Dv) so that the wrong contraction still type-checks.
+#: Near misses that need Nq == D, Nk == D or Nk == Dv so that the wrong contraction still type-checks.
 _TOKEN_EQUALS_FEATURE = ("q_transposed", "k_untransposed", "v_transposed")
 #: How a near miss transposes q or v (k: how it undoes k's transpose). The last three hide the transpose
 #: from a reader that knows only transpose / permute / mT.
