@@ -71,6 +71,9 @@ def _source_dim(node, key, src, dim, rank):  # noqa: C901  (one case per layout 
         return src, dims[dim] % rank
     if key in ("movedim", "moveaxis", torch.movedim, torch.moveaxis):
         return src, _moved_order(node.args[1], node.args[2], rank)[dim]
+    if key in ("repeat_interleave", torch.repeat_interleave):
+        along = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        return None if along is None or along % rank == dim else (src, dim)
     if key in ("unsqueeze", torch.unsqueeze):
         d = node.args[1] % rank
         return None if dim == d else (src, dim - (dim > d))
