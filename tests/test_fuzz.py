@@ -197,10 +197,7 @@ def test_gqa_with_transposed_k_is_rewritten(name):
                       options=FAST)
 
 
-@pytest.mark.xfail(strict=True, reason="open bug gqa_interleave_pre_permuted_k: layout.py has no rule for "
-                                       "repeat_interleave, so a pre-permuted k repeated by it fails the layout proof "
-                                       "('k is not transposed')")
-@pytest.mark.parametrize("spelling", ["method", "function"])
+@pytest.mark.parametrize("spelling", ["method", "function"])  # was open bug gqa_interleave_pre_permuted_k
 def test_gqa_repeat_interleave_of_a_pre_permuted_k_is_rewritten(spelling):
     def fn(q, k, v):
         kt = k.permute(0, 1, 3, 2)

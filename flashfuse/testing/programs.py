@@ -317,8 +317,6 @@ def _choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_dims, 
 #: xfail regression test in tests/test_fuzz.py and a condition on `name in avoid` in _choices; drop both once
 #: it is fixed. Every bug found so far is fixed (tests/test_fuzz.py, "regressions").
 OPEN_BUGS = {
-    "gqa_interleave_pre_permuted_k": "k permuted straight to (B, Hkv, D, N) and then repeat_interleave(n, dim=1) is "
-                                     "refused: 'k is not transposed' (layout.py has no rule for repeat_interleave)",
     "bf16_peaked_gradients": "on peaked softmaxes (scores with std ~10) in bf16, gradients are several times further "
                              "from float64 than eager bf16's: the Triton backward's dq and dk (delta = rowsum(dO * O) "
                              "reads the bf16-rounded O, flash_bwd._bwd_preprocess), and on every backend the gradient "
