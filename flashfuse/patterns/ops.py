@@ -40,9 +40,6 @@ SDPA = _targets(F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_
 CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
 INPLACE = {operator.imul: MUL, operator.itruediv: DIV, operator.iadd: ADD, operator.isub: SUB,
            operator.imatmul: MATMUL}
-LAYOUT_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "unsqueeze", "squeeze", "expand",
-                  "clone", "flatten", "unflatten", "mT", "swapaxes", "swapdims", "movedim", "view_as", "reshape_as",
-                  "expand_as"}
 
 
 def target_key(node: Node):
