@@ -75,7 +75,7 @@ def test_programs_run_in_eager_and_their_source_is_what_runs():
 
     check()
     assert seen["layout"] == set(LAYOUTS)
-    settings(max_examples=150)(given(attention_programs(attention=False))(check.hypothesis.inner_test))()
+    settings(max_examples=300)(given(attention_programs(attention=False))(check.hypothesis.inner_test))()
     assert seen["kind"] == {"attention", *NEAR_MISSES}
 
 
