@@ -2,13 +2,15 @@
 
     TRITON_INTERPRET=0 python scripts/fuzz_long.py --examples 10000 --log fuzz.log --summary fuzz.json
     TRITON_INTERPRET=1 python scripts/fuzz_long.py --examples 300 --log fuzz-interp.log --summary fuzz-interp.json
+    python scripts/fuzz_long.py --device cuda --examples 1000 --log fuzz-cuda.log --summary fuzz-cuda.json
 
 Runs the `fuzz` Hypothesis profile in chunks of --chunk examples, each chunk with its own seed, so that
 one failure (shrunk to a minimal program and written to the log) does not end the run. Progress goes to
 --log every --every programs; --summary gets a JSON summary: programs run, how often each choice was
 drawn (the spellings covered), and every failure with its minimal program. TRITON_INTERPRET=0 runs the
 op's pure-torch reference on the CPU (fast); TRITON_INTERPRET=1 runs the Triton kernels in Triton's
-interpreter (slow). Keep shapes tiny on a CPU: the defaults are B <= 2, H <= 3, N <= 8, D in {8, 16}.
+interpreter (slow); --device cuda moves each program to the GPU, where the op runs the compiled Triton
+kernels. Keep shapes tiny on a CPU: the defaults are B <= 2, H <= 3, N <= 8, D in {8, 16}.
 
     python scripts/fuzz_long.py --merge fuzz.json fuzz-interp.json    # markdown summary of several runs
 """
@@ -31,8 +33,12 @@ def merge(paths):
     for r in runs:
         for name, counts in r["coverage"].items():
             coverage[name].update(counts)
-    described = ", ".join(f"TRITON_INTERPRET={r['triton_interpret']}: {r['programs_generated']} programs in "
-                          f"{r['seconds'] / 60:.0f} min" for r in runs)
+    def where(run):
+        device = run["args"].get("device", "cpu")
+        return f"{device}, TRITON_INTERPRET={run['triton_interpret']}" if device == "cpu" else device
+
+    described = ", ".join(f"{where(r)}: {r['programs_generated']} programs in {r['seconds'] / 60:.0f} min"
+                          for r in runs)
     lines = [f"- runs: {len(runs)} ({described})",
              f"- programs generated: {total['programs_generated']} ({total['attention_programs']} attention, "
              f"{total['near_misses']} near misses; {total['sites_expected']} sites expected to be rewritten); "
@@ -63,6 +69,8 @@ def main(argv=None):
     parser.add_argument("--max-heads", type=int, default=3)
     parser.add_argument("--head-dims", default="8,16")
     parser.add_argument("--compiler", default=None, help="eager (default) or inductor")
+    parser.add_argument("--device", default="cpu", help="where programs run: cpu (default) or cuda (the Triton "
+                        "kernels, compiled)")
     parser.add_argument("--include-open-bugs", action="store_true",
                         help="also draw the programs of OPEN_BUGS (by default they are steered around)")
     args = parser.parse_args(argv)
@@ -117,7 +125,7 @@ def main(argv=None):
                 if name not in ("seed", "pads"):
                     coverage[name][str(value)] += 1
         try:
-            check_program(program, options=options)
+            check_program(program if args.device == "cpu" else program.to(args.device), options=options)
         except BaseException as exc:
             state["last_failure"] = (program, exc)
             state["shrinking"] = True

@@ -21,9 +21,10 @@ simplest option first, and the source is built from the choices alone, so Hypoth
 failure to a short program. `build_program(choices)`
 rebuilds a program from its `choices` dict, for regression tests.
 """
+import copy
 import linecache
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -78,6 +79,15 @@ class Program:
     choices: dict = field(default_factory=dict)
     #: some query row sees no key: every key is hidden by a finite fill (finfo.min, -1e9, a padding bias)
     fully_masked_rows: bool = False
+
+    def to(self, device) -> "Program":
+        """The same program with its module and inputs on `device` (leaves stay leaves)."""
+        def move(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            return x.detach().to(device).requires_grad_(x.requires_grad)
+        module = copy.deepcopy(self.module).to(device)
+        return replace(self, module=module, inputs=tuple(move(x) for x in self.inputs))
 
     def __repr__(self):
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in self.inputs)
@@ -1125,7 +1135,7 @@ def _run(module, inputs, cotangent_seed):
     leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad] + \
         [p for p in module.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(cotangent_seed)
-    cotangents = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs]
+    cotangents = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs]
     wanted = [(o, ct) for o, ct in zip(outs, cotangents) if o.requires_grad]
     grads = torch.autograd.grad([o for o, _ in wanted], leaves, [ct for _, ct in wanted], allow_unused=True) \
         if wanted and leaves else []
@@ -1144,8 +1154,6 @@ def judge_against_oracle(program: Program, options=None, grad=True):
     all gradients together (total: their float64 norm; for outputs, ||o||), the most a gradient that is
     zero in exact arithmetic can be trusted to; eps is ROUNDING_FLOOR[dtype].
     """
-    import copy
-
     from flashfuse.testing.equivalence import compile_and_report
     from flashfuse.testing.profiles import fuzz_options
     from flashfuse.tolerances import FORWARD, GRADIENT
