@@ -78,6 +78,20 @@ def _score_tile(qk, i, j, n_keys, shift, left, right, scale, softcap, mask_value
 
 
 @triton.jit
+def _row_stats(Stats, rows, n_stats, valid, MASKED: tl.constexpr):
+    """Row max and log-sum for recomputing p = exp(s - max - logsum); rows out of range or that saw no key
+    get max = +inf and logsum = 0, so their p is 0, never NaN."""
+    if MASKED:
+        row_max = tl.load(Stats + rows, mask=valid, other=float("inf"))
+        log_sum = tl.load(Stats + n_stats + rows, mask=valid, other=0.0)
+    else:
+        row_max = tl.load(Stats + rows)
+        log_sum = tl.load(Stats + n_stats + rows)
+    empty = row_max == float("-inf")
+    return tl.where(empty, float("inf"), row_max), tl.where(empty, 0.0, log_sum)
+
+
+@triton.jit
 def _band(own0, n_other, offset, below, above, HAS_BELOW: tl.constexpr, HAS_ABOVE: tl.constexpr,
           OWN_BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr):
     """Block ranges along the other axis seen by the own block [own0, own0 + OWN_BLOCK), where own index x
