@@ -1,10 +1,12 @@
 """Whole models on a GPU: eager, stock torch.compile, SDPA + torch.compile, and flashfuse.
 
-    python bench/bench_models.py [--models gpt2-124M llama-gqa-0.5B bert-base] [--padding-mask]
+    python bench/bench_models.py [--models gpt2-124M llama-gqa-0.5B bert-base] [--padding-mask] [--profile]
 
 Unmodified Hugging Face models from their configs (random weights), bf16. Inference is one forward
-under no_grad; a training step is forward + backward of the mean output. Median ms of
-triton.testing.do_bench; peak memory of the training step. Shapes as in shared/baselines.
+under no_grad in eval mode; a training step is forward + backward of the mean output in train mode
+(dropout on where the config has it). Median ms of
+triton.testing.do_bench; peak memory of the training step. Shapes as in shared/baselines. --profile also
+prints each variant's top GPU kernels in inference (torch.profiler, 5 calls).
 """
 import argparse
 
@@ -26,7 +28,16 @@ VARIANTS = {"eager": ("eager", None), "inductor": ("eager", "inductor"), "sdpa+i
             "flashfuse": ("eager", "flashfuse")}
 
 
-def bench(name, label, padding_mask):
+def profile(fn, top=8):
+    """The `top` GPU kernels of 5 calls of fn, by total time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="device_time_total", row_limit=top, max_name_column_width=70)
+
+
+def bench(name, label, padding_mask, show_profile=False):
     build, batch, seq = MODELS[name]
     impl, backend = VARIANTS[label]
     torch.manual_seed(0)
@@ -42,8 +53,12 @@ def bench(name, label, padding_mask):
     def train():
         run(**inputs).last_hidden_state.float().mean().backward()
 
+    model.eval()  # inference without dropout; the training step with it (GPT-2 and BERT drop 10%)
     out = infer()
     infer_ms = do_bench(infer, return_mode="median")
+    if show_profile:
+        print(f"{name} {label}, inference:\n{profile(infer)}", flush=True)
+    model.train()
     train()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -58,6 +73,7 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--padding-mask", action="store_true",
                         help="pass an attention_mask (of ones): the model then builds a padding-aware mask")
+    parser.add_argument("--profile", action="store_true", help="print each variant's top GPU kernels in inference")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {T.__version__}, bf16, "
           f"{'with' if args.padding_mask else 'without'} an attention_mask")
@@ -67,7 +83,7 @@ def main():
         reference = None
         for label in args.variants:
             torch._dynamo.reset()
-            out, infer_ms, train_ms, peak = bench(name, label, args.padding_mask)
+            out, infer_ms, train_ms, peak = bench(name, label, args.padding_mask, args.profile)
             reference = out if reference is None else reference
             err = ((out - reference).norm() / reference.norm()).item()
             print(f"| {name} | {label} | {infer_ms:.2f} | {train_ms:.2f} | {peak:.0f} | {err:.1e} |", flush=True)

@@ -262,11 +262,14 @@ def test_one_key_per_row_gradients_are_judged_against_float64():
 
 def test_bf16_scores_filled_with_minus_1e4_are_masked():
     """Was refused after abb811b: the fill was rounded to bf16 (-9984) before the '<= -1e4' test (fixed 3e4c4ff)."""
+    torch.manual_seed(0)
     q, k, v = (_r(1, 2, 4, 8).bfloat16() for _ in range(3))
     keep = torch.ones(1, 1, 1, 4, dtype=torch.bool)
     keep[..., 0] = False
     fn = lambda q, k, v, keep: torch.softmax((q @ k.mT).masked_fill(~keep, -10000.0), -1) @ v  # noqa: E731
-    assert_equivalent(fn, q, k, v, keep, expected_sites=1, options=FAST)
+    # forward only: bf16 at scale 1 is peaked enough for open bug bf16_peaked_gradients (5 of 12 seeds miss the
+    # gradient tolerance against eager), which its own tests cover
+    assert_equivalent(fn, q, k, v, keep, expected_sites=1, grad=False, options=FAST)
 
 
 @pytest.mark.parametrize("equation, shape", [("bqd,bdk->bqk", (2, 5, 8)), ("bhqd,bhdk->bhqk", (1, 2, 5, 8))])
@@ -314,6 +317,24 @@ def test_bf16_runtime_temperature_gradient_on_a_peaked_softmax():
         "scale_tensor": "param", "scale_op": "div", "scale_value": 0.125, "bias": "none", "softcap": "none",
         "masks": "none", "softmax": "functional", "dropout": "none", "value_product": "at", "output": "as_is",
         "seed": 0}))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernels' accuracy (the CPU "
+                                                                      "reference passes)")
+@pytest.mark.xfail(strict=True, reason="open bug bf16_peaked_gradients, found by the long interpreter run: a learned "
+                                       "temperature at an ordinary scale (0.125, D 16) with random and causal masks "
+                                       "over 4 keys; through the Triton backward its bf16 gradient is 0.39 from float64 "
+                                       "(0.28 allowed), eager bf16's 0.019")
+def test_bf16_learned_temperature_gradient_through_the_triton_backward():
+    check_program(build_program({
+        "kind": "attention", "dtype": "bfloat16", "layout": "inputs_bnhd", "B": 2, "H": 2, "HKV": 2, "D": 16,
+        "DV": 16, "NQ": 8, "NK": 4, "heads_split": "permute", "gqa": "none", "product": "matmul",
+        "kT": "transpose_m2m1", "scale": "tensor", "scale_tensor": "param", "scale_op": "mul", "scale_value": 0.125,
+        "bias": "padding_inf", "bias_shape": "11QK", "softcap": "none", "bias_add": "sub", "masks": "random+causal",
+        "random_shape": "B1QK", "random_polarity": "hide", "causal_source": "buffer_bool", "pad_side": "right",
+        "pads": (0, 0), "combine": "separate", "fill_form0": "where_hide", "fill_form1": "torch_masked_fill",
+        "negation": "torch_logical_not", "fill": "-1e9", "softmax": "float_type_as", "dropout": "torch_dropout",
+        "value_product": "matmul", "output": "as_is", "seed": 8096}))
 
 
 def test_open_bugs_each_have_a_regression_test():

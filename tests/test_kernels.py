@@ -210,6 +210,11 @@ def test_dropout_stream():
     assert torch.equal(keep, flash.dropout_keep_mask(seed, (2, 3, 50, 70), 0.3, "cpu"))
     assert not torch.equal(keep, flash.dropout_keep_mask(seed + 1, (2, 3, 50, 70), 0.3, "cpu"))
     assert abs(keep.float().mean().item() - 0.7) < 0.02
+    # one Philox call serves 8 keys: each of the 8 lanes keeps 70%, and neighbours are independent
+    lanes = keep.float().reshape(-1, 70)[:, :64].reshape(-1, 8).mean(0)
+    assert (lanes - 0.7).abs().max().item() < 0.04, lanes
+    both = (keep[..., 1:] & keep[..., :-1]).float().mean().item()
+    assert abs(both - 0.49) < 0.02, both
 
 
 # -- decode (split keys) ----------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Stats, n_stats, Delta, sqm, sqd,
                 BIAS_GRAD: tl.constexpr, DB_Q1: tl.constexpr, DB_K1: tl.constexpr, DB_ATOMIC: tl.constexpr,
                 MASKED: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
+    j0 = tl.min(j, 0)  # the first key of this block: dropout draws come in groups of 8 keys
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
     qk_scale = scale * 1.4426950408889634
@@ -73,7 +74,7 @@ def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Stats, n_stats, Delta, sqm, sqd,
         # -- dV += P^T dO; dP^T = V dO^T ----
         dpt = _dot(v, tl.trans(do), None, PRECISION)
         if DROPOUT:
-            kept = _dropout_keep(seed, (row0 + i)[None, :], j[:, None], n_keys, dropout_p)
+            kept = _dropout_keep(seed, row0 + i, j0, n_keys, dropout_p, j.shape[0], True)
             inv = 1.0 / (1.0 - dropout_p)
             dv = _dot(tl.where(kept, pt * inv, 0.0).to(do.dtype), do, dv, PRECISION)
             dpt = tl.where(kept, dpt * inv, 0.0)

@@ -40,7 +40,7 @@ def _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, hi, K, V, skn, skd
             p = tl.exp2((s - row_max[:, None]) * 1.4426950408889634 - (log_sum * 1.4426950408889634)[:, None])
         dp = _dot(do, vt, None, PRECISION)
         if DROPOUT:
-            kept = _dropout_keep(seed, row[:, None], j[None, :], n_keys, dropout_p)
+            kept = _dropout_keep(seed, row, start, n_keys, dropout_p, BLOCK_N)
             dp = tl.where(kept, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_MASK:

@@ -54,7 +54,7 @@ def _fwd_inner(acc, l_i, m_i, q, i, row, lo, hi, K, V, skn, skd, svn, svd, Bias,
             alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, row[:, None], j[None, :], n_keys, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, row, start, n_keys, dropout_p, BLOCK_N), p, 0.0)
         # -- acc += p @ v ----
         if MASKED:
             v = tl.load(v_ptrs, mask=(j[:, None] < n_keys) & (offs_dv[None, :] < DV), other=0.0)

@@ -47,8 +47,9 @@ OPEN_BUGS = {
     "bf16_peaked_gradients": "on peaked softmaxes (scores with std ~10) in bf16, gradients are several times further "
                              "from float64 than eager bf16's: the Triton backward's dq and dk (delta = rowsum(dO * O) "
                              "reads the bf16-rounded O, flash_bwd._bwd_preprocess), and on every backend the gradient "
-                             "of a runtime 0-dim scale (it flows through q * t in bf16); steered around by keeping "
-                             "bf16 attention at the usual scale or below",
+                             "of a runtime 0-dim scale (it flows through q * t in bf16), through the Triton backward "
+                             "also at ordinary scales when it is learned; steered around by keeping bf16 attention "
+                             "at the usual scale or below, with no learned temperature",
 }
 
 

@@ -155,8 +155,8 @@ def draw_choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_di
     if baddbmm:
         placements.append("alpha")
     scale = c.pick("scale", placements + ["after_bias", "after_mask"])  # the last two need a bias / mask
-    if scale == "tensor":
-        c.pick("scale_tensor", ("full", "tensor", "buffer", "param"))
+    if scale == "tensor":  # (bf16: no learned temperature either, see OPEN_BUGS)
+        c.pick("scale_tensor", ("full", "tensor", "buffer") + (("param",) if peaked_ok else ()))
         c.pick("scale_op", ("mul", "div") if peaked_ok else ("mul",))
     elif scale in ("after", "after_bias", "after_mask"):
         c.pick("scale_op", ("div", "mul", "rmul", "div_method", "mul_method", "idiv", "imul", "div_",
