@@ -18,21 +18,13 @@ class Report:
     def __str__(self):
         rows = [("site", "kind", "rewritten", "scores shape", "spec or reason")]
         for s in self.sites:
-            detail = _short_spec(s.spec) if s.rewritten else (s.reason or "")
+            detail = s.describe() if s.rewritten else (s.reason or "")
             rows.append((s.node, s.kind, "yes" if s.rewritten else "no", str(s.shape or ""), detail))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         lines.append(f"{self.rewritten} of {len(self.sites)} attention sites rewritten")
         return "\n".join(lines)
-
-
-def _short_spec(spec):
-    shown = {k: v for k, v in spec.items()
-             if k == "scale" or not (v is None or v is False or (k in ("gqa", "dropout_p") and v in (0, 1)))}
-    if isinstance(shown.get("scale"), float):
-        shown["scale"] = round(shown["scale"], 6)
-    return " ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def explain(model, *args, **kwargs) -> Report:

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from flashfuse.kernels.spec import AttentionSpec
 from flashfuse.patterns import rewrite
 from flashfuse.patterns.inplace import functionalize_inplace
 from flashfuse.patterns.match import Refuse, is_softmax, match_softmax, sdpa_plan
@@ -25,8 +26,18 @@ class Site:
     kind: str  # "softmax" or "sdpa"
     rewritten: bool
     reason: Optional[str] = None
-    spec: dict = field(default_factory=dict)
+    spec: Optional[AttentionSpec] = None  # what the matcher proved (set once a plan is found)
+    operands: dict = field(default_factory=dict)  # bias, mask, gqa, runtime_scale (Plan.operands)
     shape: Optional[tuple] = None
+
+    def describe(self):
+        """The spec and operands in short text, e.g. `scale=0.125 causal bias gqa=4`."""
+        if self.spec is None:
+            return ""
+        extra = [name for name in ("bias", "mask", "runtime_scale") if self.operands.get(name)]
+        if self.operands.get("gqa", 1) > 1:
+            extra.append(f"gqa={self.operands['gqa']}")
+        return " ".join([self.spec.describe(), *extra])
 
 
 def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True) -> list:
@@ -54,10 +65,10 @@ def _rewrite(gm, sdpa):
         site = Site(node.name, op.kind, False, shape=_shape(node))
         try:
             plan = match_softmax(node) if op.kind == "softmax" else sdpa_plan(node)
-            site.spec = plan.spec()
+            site.spec, site.operands = plan.spec, plan.operands()
             rewrite.apply(gm.graph, plan)
             site.rewritten = True
-            log.info("flashfuse: rewrote %s %s as %s", op.kind, node.name, site.spec)
+            log.info("flashfuse: rewrote %s %s as %s", op.kind, node.name, site.describe())
         except Refuse as why:
             site.reason = str(why)
             log.info("flashfuse: left %s %s as it was: %s", op.kind, node.name, why)

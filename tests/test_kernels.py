@@ -1,14 +1,18 @@
-"""The Triton flash kernels against the float64 oracle, run on the CPU by Triton's interpreter.
+"""The op's two implementations against the float64 oracle: the Triton kernels (run on the CPU by Triton's
+interpreter) and the CPU path. Every test that calls `check` runs on both (the `impl` fixture).
 
 conftest.py sets TRITON_INTERPRET=1 before Triton is imported. Sizes stay small (the interpreter is slow)
-but cross block edges: the interpreter's config is BLOCK_M 32 x BLOCK_N 16.
+but cross block edges: the interpreter's config is BLOCK_M 32 x BLOCK_N 16, the CPU path's key block 512
+(test_cpu_path_crosses_key_blocks crosses it).
 """
 import os
 
 import pytest
 import torch
 
-from flashfuse.kernels import flash, reference
+from flashfuse.kernels import cpu, flash
+from flashfuse.kernels.reference import oracle, oracle_gradients
+from flashfuse.kernels.spec import AttentionSpec
 from flashfuse.tolerances import FORWARD, GRADIENT, assert_close, relative_error
 
 pytestmark = [
@@ -20,6 +24,12 @@ pytestmark = [
 ]
 
 NEG_INF = float("-inf")
+IMPLEMENTATIONS = {"triton": flash, "cpu": cpu}
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def impl(request):
+    return request.param
 
 
 def _tensor(shape, dtype, layout="bhnd", gen=None):
@@ -33,19 +43,10 @@ def _tensor(shape, dtype, layout="bhnd", gen=None):
     return torch.randn(shape, generator=gen).to(dtype)
 
 
-def _oracle(q, k, v, bias, mask, keep, dropout_p, flags):
-    """The formula in float64 with autograd; a row that sees no key contributes zero to every gradient."""
-    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
-    bias = None if bias is None else bias.detach().double().requires_grad_()
-    s = reference._scores(q, k, bias, mask, flags["scale"], flags["softcap"], flags["mask_value"], flags["causal"],
-                          flags["window_left"], flags["window_right"], 0, k.shape[2])
-    dead = torch.isneginf(s).all(-1, keepdim=True)
-    lse = torch.logsumexp(s, -1)
-    p = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
-    if keep is not None:
-        p = p * keep / (1.0 - dropout_p)
-    out = p @ reference._expand_kv(v, q.shape[1])
-    return out, lse, (q, k, v, bias)
+def _keep_mask(impl, seed, shape, dropout_p):
+    if impl == "triton":
+        return flash.dropout_keep_mask(seed, shape, dropout_p, "cpu")
+    return cpu.dropout_keep(seed, shape, dropout_p, "cpu")
 
 
 def _lse_error(actual, expected):
@@ -54,13 +55,20 @@ def _lse_error(actual, expected):
     return relative_error(actual[keep], expected[keep])
 
 
-def check(b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=torch.float32, causal=False, window=(-1, -1),
-          bias=None, bias_dtype=None, mask=None, mask_value=NEG_INF, softcap=0.0, dropout_p=0.0, layout="bhnd",
-          scale=None, bias_grad=True, seed=0):
-    """Run forward and backward of flash.py and compare out, lse and every gradient with the oracle.
+def _out_error(actual, expected):
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), "rows with NaN out differ"
+    keep = ~torch.isnan(expected)
+    return relative_error(actual[keep], expected[keep])
+
+
+def check(impl="triton", b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=torch.float32, causal=False,
+          window=(-1, -1), bias=None, bias_dtype=None, mask=None, mask_value=NEG_INF, softcap=0.0, dropout_p=0.0,
+          layout="bhnd", scale=None, bias_grad=True, empty_rows="nan", seed=0):
+    """Run forward and backward of one implementation and compare out, lse and every gradient with the oracle.
 
     bias / mask: the shape to broadcast from, e.g. (b, 1, 1, nk); "expand" builds a stride-0 bias.
     """
+    run = IMPLEMENTATIONS[impl]
     gen = torch.Generator().manual_seed(seed)
     dv = d if dv is None else dv
     q = _tensor((b, hq, nq, d), dtype, layout, gen)
@@ -72,25 +80,22 @@ def check(b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=torch.float32, ca
     elif bias is not None:
         bias_t = torch.randn(bias, generator=gen).to(bias_dtype or dtype)
     mask_t = None if mask is None else torch.rand(mask, generator=gen) > 0.3
-    flags = dict(scale=d ** -0.5 if scale is None else scale, softcap=softcap, mask_value=mask_value, causal=causal,
-                 window_left=window[0], window_right=window[1], dropout_p=dropout_p)
+    spec = AttentionSpec(scale=d ** -0.5 if scale is None else scale, softcap=softcap, mask_value=mask_value,
+                         causal=causal, window=window, dropout_p=dropout_p, empty_rows=empty_rows)
     seed_t = torch.tensor([1234 + seed], dtype=torch.int64) if dropout_p else None
-    out, stats = flash.forward(q, k, v, bias_t, mask_t, seed=seed_t, **flags)
-    keep = flash.dropout_keep_mask(seed_t, (b, hq, nq, nk), dropout_p, "cpu") if dropout_p else None
-    # forward: the reference oracle itself
-    naive_flags = {key: val for key, val in flags.items() if key != "dropout_p"}
-    expected = reference.naive(q, k, v, bias_t, mask_t, dropout_keep_mask=keep, dropout_p=dropout_p, **naive_flags)
-    assert out.shape == (b, hq, nq, dv) and out.dtype == dtype and out.is_contiguous()
-    assert stats.shape == (2, b, hq, nq) and stats.dtype == reference.stats_dtype(dtype)
-    assert_close(out, expected, dtype, "forward", "out")
-    ref_out, ref_lse, leaves = _oracle(q, k, v, bias_t, mask_t, keep, dropout_p, flags)
+    out, stats = run.forward(q, k, v, bias_t, mask_t, seed_t, spec)
+    keep = _keep_mask(impl, seed_t, (b, hq, nq, nk), dropout_p) if dropout_p else None
+    assert out.shape == (b, hq, nq, dv) and out.dtype == dtype
+    assert stats.shape == (2, b, hq, nq) and stats.dtype == cpu.stats_dtype(dtype)
+    dout = torch.randn(out.shape, generator=gen).to(dtype)
+    ref_out, ref_lse, *ref_grads = oracle_gradients(dout, q, k, v, spec, bias_t, mask_t, keep)
+    err = _out_error(out, ref_out)
+    assert err < FORWARD[dtype], f"out: relative error {err:.3e} exceeds the {dtype} tolerance"
     assert _lse_error(stats[0].double() + stats[1].double(), ref_lse) < FORWARD[torch.float32]
     # backward
-    dout = torch.randn(out.shape, generator=gen).to(dtype)
     want_bias_grad = bias_grad and bias_t is not None
-    grads = flash.backward(dout, q, k, v, bias_t, mask_t, out, stats, seed=seed_t, bias_grad=want_bias_grad, **flags)
-    ref_out.backward(dout.double())
-    for name, got, leaf, like in zip("q k v bias".split(), grads, leaves, (q, k, v, bias_t)):
+    grads = run.backward(dout, q, k, v, bias_t, mask_t, seed_t, out, stats, spec, want_bias_grad)
+    for name, got, want, like in zip("q k v bias".split(), grads, ref_grads, (q, k, v, bias_t)):
         if name == "bias" and not want_bias_grad:
             assert got is None
             continue
@@ -100,7 +105,7 @@ def check(b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=torch.float32, ca
             # a bias broadcast over keys shifts a whole row: its true gradient is 0 (sum_j dS = 0)
             assert got.double().abs().max() < 1e-3 * dout.double().abs().max() * nk
             continue
-        assert_close(got, leaf.grad, max(dtype, bias_t.dtype, key=_rank) if name == "bias" else dtype,
+        assert_close(got, want, max(dtype, bias_t.dtype, key=_rank) if name == "bias" else dtype,
                      "gradient", f"d{name}")
     return out, stats, grads
 
@@ -112,36 +117,36 @@ def _rank(dtype):
 # -- core: shapes, ragged blocks, head dims, strides -------------------------------------------------------------
 
 @pytest.mark.parametrize("nq,nk", [(40, 56), (64, 64), (1, 33), (17, 1), (70, 45)])
-def test_shapes(nq, nk):
-    check(nq=nq, nk=nk)
+def test_shapes(impl, nq, nk):
+    check(impl, nq=nq, nk=nk)
 
 
 @pytest.mark.parametrize("d,dv", [(16, 16), (40, 24), (64, 64), (80, 80), (96, 40), (160, 32)])
-def test_head_dims(d, dv):
-    check(b=1, hq=2, hkv=1, nq=33, nk=40, d=d, dv=dv)
+def test_head_dims(impl, d, dv):
+    check(impl, b=1, hq=2, hkv=1, nq=33, nk=40, d=d, dv=dv)
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "slice"])
-def test_strides(layout):
-    check(layout=layout, causal=True, bias=(2, 1, 40, 56))
+def test_strides(impl, layout):
+    check(impl, layout=layout, causal=True, bias=(2, 1, 40, 56))
 
 
 # -- causal and window, bottom-right aligned ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("nq,nk", [(64, 64), (40, 90), (70, 50), (1, 60)])
-def test_causal(nq, nk):
-    check(nq=nq, nk=nk, causal=True)
+def test_causal(impl, nq, nk):
+    check(impl, nq=nq, nk=nk, causal=True)
 
 
 @pytest.mark.parametrize("window,causal", [((10, 5), False), ((0, 0), False), ((20, -1), False), ((-1, 7), True),
                                           ((16, 40), True), ((33, 3), False)])
-def test_window(window, causal):
-    check(nq=50, nk=64, window=window, causal=causal)
+def test_window(impl, window, causal):
+    check(impl, nq=50, nk=64, window=window, causal=causal)
 
 
-def test_rows_that_see_no_key():
+def test_rows_that_see_no_key(impl):
     """Queries left of every key (causal, Nq > Nk) give NaN and lse -inf; their gradients are zero."""
-    out, stats, (dq, dk, dv, _) = check(nq=60, nk=20, causal=True)
+    out, stats, (dq, dk, dv, _) = check(impl, nq=60, nk=20, causal=True)
     hidden = 60 - 20
     assert torch.isnan(out[:, :, :hidden]).all() and torch.isneginf(stats[0, :, :, :hidden]).all()
     assert not torch.isnan(out[:, :, hidden:]).any()
@@ -152,56 +157,56 @@ def test_rows_that_see_no_key():
 
 @pytest.mark.parametrize("shape", [(2, 2, 40, 56), (1, 2, 40, 56), (2, 1, 1, 56), (1, 1, 40, 56), (1, 1, 1, 1),
                                    (2, 2, 40, 1), "expand"])
-def test_bias(shape):
-    check(bias=shape, causal=shape == (1, 1, 40, 56))
+def test_bias(impl, shape):
+    check(impl, bias=shape, causal=shape == (1, 1, 40, 56))
 
 
 @pytest.mark.parametrize("bias_dtype", [torch.float16, torch.float64])
-def test_bias_dtype(bias_dtype):
-    check(bias=(2, 2, 24, 33), bias_dtype=bias_dtype, nq=24, nk=33)
+def test_bias_dtype(impl, bias_dtype):
+    check(impl, bias=(2, 2, 24, 33), bias_dtype=bias_dtype, nq=24, nk=33)
 
 
-def test_bias_without_grad():
-    check(bias=(2, 2, 40, 56), bias_grad=False)
+def test_bias_without_grad(impl):
+    check(impl, bias=(2, 2, 40, 56), bias_grad=False)
 
 
 @pytest.mark.parametrize("shape,mask_value", [((2, 1, 1, 56), NEG_INF), ((2, 2, 40, 56), NEG_INF),
                                               ((2, 2, 40, 56), -3.4e38), ((1, 2, 40, 1), -10.0)])
-def test_mask(shape, mask_value):
-    check(mask=shape, mask_value=mask_value, bias=(1, 2, 40, 56))
+def test_mask(impl, shape, mask_value):
+    check(impl, mask=shape, mask_value=mask_value, bias=(1, 2, 40, 56))
 
 
-def test_finite_mask_value_on_fully_masked_rows():
+def test_finite_mask_value_on_fully_masked_rows(impl):
     """A finite mask_value gives a fully masked row a uniform softmax (the formula), not NaN."""
-    out, stats, _ = check(mask=(2, 2, 40, 1), mask_value=-100.0, nq=40, nk=30)
+    out, stats, _ = check(impl, mask=(2, 2, 40, 1), mask_value=-100.0, nq=40, nk=30)
     assert torch.isfinite(out).all() and torch.isfinite(stats).all()
 
 
-def test_huge_finite_mask_value_on_fully_masked_rows():
+def test_huge_finite_mask_value_on_fully_masked_rows(impl):
     """finfo.min fills: the row max (-3.4e38) would swallow the log-sum; the stats keep them apart."""
-    out, stats, _ = check(mask=(2, 2, 40, 1), mask_value=-3.4e38, nq=40, nk=30)
+    out, stats, _ = check(impl, mask=(2, 2, 40, 1), mask_value=-3.4e38, nq=40, nk=30)
     assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("causal,bias", [(False, None), (True, (2, 1, 40, 56))])
-def test_softcap(causal, bias):
-    check(softcap=5.0, causal=causal, bias=bias, scale=0.5)
+def test_softcap(impl, causal, bias):
+    check(impl, softcap=5.0, causal=causal, bias=bias, scale=0.5)
 
 
 @pytest.mark.parametrize("hq,hkv,causal", [(6, 2, False), (4, 1, True), (8, 4, True)])
-def test_gqa(hq, hkv, causal):
-    check(b=1, hq=hq, hkv=hkv, nq=35, nk=47, causal=causal, bias=(1, hq, 1, 47) if hq == 6 else None)
+def test_gqa(impl, hq, hkv, causal):
+    check(impl, b=1, hq=hq, hkv=hkv, nq=35, nk=47, causal=causal, bias=(1, hq, 1, 47) if hq == 6 else None)
 
 
-def test_negative_scale():
-    check(scale=-0.3, causal=True)
+def test_negative_scale(impl):
+    check(impl, scale=-0.3, causal=True)
 
 
 # -- dropout ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("causal,hq,hkv", [(False, 2, 2), (True, 4, 2)])
-def test_dropout(causal, hq, hkv):
-    check(dropout_p=0.25, causal=causal, hq=hq, hkv=hkv, bias=(1, hq, 40, 56))
+def test_dropout(impl, causal, hq, hkv):
+    check(impl, dropout_p=0.25, causal=causal, hq=hq, hkv=hkv, bias=(1, hq, 40, 56))
 
 
 def test_dropout_stream():
@@ -227,8 +232,8 @@ def test_dropout_stream():
     (2, 4, 2, dict(dropout_p=0.2)),
     (5, 2, 1, dict(causal=True, window=(2, -1))),
 ])
-def test_decode(nq, hq, hkv, extra):
-    check(nq=nq, nk=90, hq=hq, hkv=hkv, **extra)
+def test_decode(impl, nq, hq, hkv, extra):
+    check(impl, nq=nq, nk=90, hq=hq, hkv=hkv, **extra)
 
 
 # -- half precision -----------------------------------------------------------------------------------------------
@@ -236,43 +241,56 @@ def test_decode(nq, hq, hkv, extra):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("extra", [dict(causal=True, hq=4, hkv=2), dict(bias=(2, 1, 40, 56), mask=(2, 1, 1, 56)),
                                    dict(nq=2, nk=70, window=(40, 0))])
-def test_half(dtype, extra):
-    check(dtype=dtype, **extra)
+def test_half(impl, dtype, extra):
+    check(impl, dtype=dtype, **extra)
 
 
-def test_float64_falls_back_to_reference():
-    check(dtype=torch.float64, causal=True, bias=(2, 2, 40, 56))
+def test_float64_takes_the_cpu_path(impl):
+    check(impl, dtype=torch.float64, causal=True, bias=(2, 2, 40, 56))
+
+
+def test_empty_rows_zero(impl):
+    """SDPA's rule: a query that sees no key gives 0 (not NaN); its gradients stay zero."""
+    out, stats, (dq, _, _, _) = check(impl, nq=50, nk=20, causal=True, empty_rows="zero", bias=(1, 2, 50, 20))
+    assert (out[:, :, :30] == 0).all() and torch.isneginf(stats[0, :, :, :30]).all() and (dq[:, :, :30] == 0).all()
+
+
+def test_cpu_path_crosses_key_blocks():
+    """The CPU path's online softmax over several key blocks, and its aten fast path for plain causal."""
+    check("cpu", nq=600, nk=1100, b=1, hq=2, d=16, mask=(1, 1, 600, 1100), dropout_p=0.1)
+    check("cpu", nq=700, nk=700, b=1, hq=2, hkv=1, d=16, causal=True)
 
 
 # -- the op, end to end -----------------------------------------------------------------------------------------
 
 def test_op_autograd_runs_the_kernels():
-    from flashfuse.kernels import op
     import flashfuse
+    from flashfuse.kernels import op
     q, k, v = (torch.randn(2, 4, 37, 32, requires_grad=True) for _ in range(3))
     bias = torch.randn(2, 1, 37, 37, requires_grad=True)
     before = op.CALLS["triton"]
     out = flashfuse.attention(q, k, v, bias=bias, causal=True)
     assert op.CALLS["triton"] == before + 1
-    out.backward(torch.randn_like(out))
-    expected = reference.naive(q, k, v, bias, causal=True)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    spec = AttentionSpec(scale=32 ** -0.5, causal=True)
+    expected, _, *grads = oracle_gradients(dout, q, k, v, spec, bias)
     assert relative_error(out, expected) < FORWARD[torch.float32]
-    for t in (q, k, v, bias):
-        assert t.grad is not None and torch.isfinite(t.grad).all()
+    for t, want, name in zip((q, k, v, bias), grads, "q k v bias".split()):
+        assert_close(t.grad, want, torch.float32, "gradient", f"d{name}")
 
 
-def test_op_matches_oracle_gradients():
+def test_op_schema_takes_the_encoded_spec():
     torch.manual_seed(3)
     q = torch.randn(1, 4, 30, 40)
     k, v = torch.randn(1, 2, 45, 40), torch.randn(1, 2, 45, 24)
     bias = torch.randn(1, 4, 1, 45)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
-    out, _ = torch.ops.flashfuse.fwd(*leaves, None, 0.2, 0.0, NEG_INF, True, 20, -1, 0.0, None)
+    spec = AttentionSpec(scale=0.2, causal=True, window=(20, -1))
+    out, _ = torch.ops.flashfuse.fwd(*leaves, None, None, spec.encode())
     dout = torch.randn_like(out)
     out.backward(dout)
-    flags = dict(scale=0.2, softcap=0.0, mask_value=NEG_INF, causal=True, window_left=20, window_right=-1)
-    ref_out, ref_lse, ref_leaves = _oracle(q, k, v, bias, None, None, 0.0, flags)
-    ref_out.backward(dout.double())
+    ref_out, _, *ref_grads = oracle_gradients(dout, q, k, v, spec, bias)
     assert_close(out, ref_out, torch.float32, "forward", "out")
-    for got, want, name in zip(leaves, ref_leaves, "q k v bias".split()):
-        assert_close(got.grad, want.grad, torch.float32, "gradient", f"d{name}")
+    for got, want, name in zip(leaves, ref_grads, "q k v bias".split()):
+        assert_close(got.grad, want, torch.float32, "gradient", f"d{name}")

@@ -63,9 +63,9 @@ def test_scale_spellings(name):
 
 def test_scale_is_folded_into_one_scalar():
     sites = assert_equivalent(SCALES["quarter_on_both"], *qkv(), expected_sites=1, options=FAST)
-    assert sites[0].spec["scale"] == pytest.approx(D**-0.5)
+    assert sites[0].spec.scale == pytest.approx(D**-0.5)
     sites = assert_equivalent(SCALES["div_after"], *qkv(), expected_sites=1, options=FAST)
-    assert sites[0].spec["scale"] == pytest.approx(D**-0.5)
+    assert sites[0].spec.scale == pytest.approx(D**-0.5)
 
 
 def test_runtime_zero_dim_scale():
@@ -91,14 +91,14 @@ def test_baddbmm_alpha_and_beta():
 def test_softcap():
     fn = lambda q, k, v: torch.softmax(30.0 * torch.tanh(q @ k.mT * 0.25 / 30.0), -1) @ v  # noqa: E731
     sites = assert_equivalent(fn, *qkv(), expected_sites=1, options=FAST)
-    assert sites[0].spec["softcap"] == pytest.approx(30.0)
+    assert sites[0].spec.softcap == pytest.approx(30.0)
 
 
 @pytest.mark.parametrize("shape", [(B, 1, 1, NK), (1, H, 1, NK), (1, H, NQ, NK), (B, H, NQ, NK), (NQ, NK), (NK,)])
 def test_bias_shapes(shape):
     fn = lambda q, k, v, bias: torch.softmax(q @ k.mT * 0.25 + bias, -1) @ v  # noqa: E731
     sites = assert_equivalent(fn, *qkv(), rand(*shape), expected_sites=1, options=FAST)
-    assert sites[0].spec["bias"] is True
+    assert sites[0].operands["bias"] is True
 
 
 def test_padding_mask_as_finfo_min_bias_with_empty_rows():
@@ -129,7 +129,7 @@ def test_bool_mask_spellings(name):
     spell = MASKS[name]
     fn = lambda q, k, v, keep: torch.softmax(spell(q @ k.mT * 0.25, keep), -1) @ v  # noqa: E731
     sites = assert_equivalent(fn, *qkv(), padding_mask(), expected_sites=1, options=FAST)
-    assert sites[0].spec["mask"] is True
+    assert sites[0].operands["mask"] is True
 
 
 def test_causal_buffer_slice():
@@ -170,7 +170,7 @@ def test_dropout_in_eval_and_training():
     compiled, sites = compile_and_report(train, FAST)
     out = compiled(q, k, v)
     assert out.shape == (B, H, NQ, D) and torch.isfinite(out).all()
-    assert sites[0].rewritten and sites[0].spec["dropout_p"] == pytest.approx(0.3)
+    assert sites[0].rewritten and sites[0].spec.dropout_p == pytest.approx(0.3)
 
 
 # ---------------------------------------------------------------- GQA, layouts, products
@@ -179,7 +179,7 @@ def test_gqa_repeat_kv_is_absorbed():
     q, k, v = qkv(hkv=HKV)
     fn = lambda q, k, v: torch.softmax(q @ repeat_kv(k, H // HKV).mT * 0.25, -1) @ repeat_kv(v, H // HKV)  # noqa: E731
     sites = assert_equivalent(fn, q, k, v, expected_sites=1, options=FAST)
-    assert sites[0].spec["gqa"] == H // HKV
+    assert sites[0].operands["gqa"] == H // HKV
 
 
 def test_repeat_interleave_and_mqa_broadcast():
@@ -304,7 +304,7 @@ def test_scale_that_dynamo_made_an_input():
         for scale in (0.37, 0.41):
             out = compiled(q, k, v, scale)
             assert torch.allclose(out, fn(q, k, v, scale), rtol=1e-4, atol=1e-5)
-    assert sites[-1].rewritten and sites[-1].spec["scale"] == "runtime"
+    assert sites[-1].rewritten and sites[-1].operands["runtime_scale"] is True
 
 
 def test_scores_regrouped_between_bmm_and_four_dims():
@@ -341,12 +341,12 @@ def hf_mask(nq, nk, window=None, padding=None):
     return torch.where(keep.expand(B, -1, nq, nk), torch.zeros(()), torch.finfo(torch.float32).min)
 
 
-@pytest.mark.parametrize("nq, nk, window, spec", [(NQ, NQ, None, (True, None)), (NQ, NK, None, (True, None)),
+@pytest.mark.parametrize("nq, nk, window, spec", [(NQ, NQ, None, (True, (-1, -1))), (NQ, NK, None, (True, (-1, -1))),
                                                    (NK, NK, 4, (True, (3, -1)))])
 def test_index_built_causal_and_window_masks_become_flags(nq, nk, window, spec):
     fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.25 + hf_mask(nq, nk, window), -1) @ v  # noqa: E731
     sites = assert_equivalent(fn, *qkv(nq=nq, nk=nk), expected_sites=1, options=FAST)
-    assert (sites[0].spec["causal"], sites[0].spec["window"]) == spec and sites[0].spec["bias"] is False
+    assert (sites[0].spec.causal, sites[0].spec.window) == spec and sites[0].operands["bias"] is False
 
 
 def test_index_built_mask_with_padding_stays_a_bias():
@@ -354,7 +354,7 @@ def test_index_built_mask_with_padding_stays_a_bias():
     pad[0, :4] = False  # left padding: early queries of sequence 0 see no key, as eager computes them
     fn = lambda q, k, v, pad: torch.softmax(q @ k.mT * 0.25 + hf_mask(NQ, NQ, padding=pad), -1) @ v  # noqa: E731
     sites = assert_equivalent(fn, *qkv(nk=NQ), pad, expected_sites=1, options=FAST)
-    assert sites[0].spec["bias"] is True and sites[0].spec["causal"] is False
+    assert sites[0].operands["bias"] is True and sites[0].spec.causal is False
 
 
 def test_fill_scaled_past_the_dtype_range_becomes_minus_inf():

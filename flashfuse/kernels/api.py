@@ -1,12 +1,11 @@
 """`flashfuse.attention`: the validated public entry point to the op."""
-import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from flashfuse.kernels import op
+from flashfuse.kernels.spec import AttentionSpec
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, bias: Optional[Tensor] = None,
@@ -40,23 +39,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     """
     _validate_qkv(q, k, v)
     b, hq, nq, d = q.shape
-    nk = k.shape[2]
-    full = (b, hq, nq, nk)
+    full = (b, hq, nq, k.shape[2])
     bias = _validate_broadcast("bias", bias, full, q.device, float_only=True)
     mask = _validate_broadcast("mask", mask, full, q.device, float_only=False)
-    scale = d ** -0.5 if scale is None else _validate_number("scale", scale)
-    window_left, window_right = _validate_window(window)
-    softcap = 0.0 if softcap is None else _validate_number("softcap", softcap, positive=True)
-    dropout_p = _validate_number("dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
-    seed = None
-    if dropout_p > 0.0:
-        seed = op.new_seed(q)
-    out, _ = torch.ops.flashfuse.fwd(q, k, v, bias, mask, scale, softcap, float("-inf"), causal,
-                                     window_left, window_right, dropout_p, seed)
+    spec = AttentionSpec(scale=d ** -0.5 if scale is None else _scalar(scale), causal=causal,
+                         window=(-1, -1) if window is None else window,
+                         softcap=0.0 if softcap is None else _scalar(softcap), dropout_p=dropout_p)
+    if spec.softcap == 0.0 and softcap is not None:
+        raise ValueError("softcap must be positive (None for no softcap), got 0")
+    out, _ = op.call(q, k, v, spec, bias, mask)
     return out
 
 
@@ -103,20 +94,6 @@ def _validate_broadcast(name, t, full, device, float_only):
     return t
 
 
-def _validate_number(name, x, positive=False):
-    if isinstance(x, Tensor) and x.numel() == 1:
-        x = x.item()
-    if not isinstance(x, numbers.Real) or isinstance(x, bool) or not math.isfinite(x):
-        raise ValueError(f"{name} must be a finite real number, got {x!r}")
-    if positive and x <= 0:
-        raise ValueError(f"{name} must be positive, got {x}")
-    return float(x)
-
-
-def _validate_window(window):
-    if window is None:
-        return -1, -1
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
-        raise ValueError(f"window must be (left, right) with ints >= -1 (-1 is unbounded), got {window!r}")
-    return int(window[0]), int(window[1])
+def _scalar(x):
+    """A Python number from x (a one-element tensor too); AttentionSpec checks its range."""
+    return x.item() if isinstance(x, Tensor) and x.numel() == 1 else x

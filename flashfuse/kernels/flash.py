@@ -1,43 +1,41 @@
-"""The Triton implementation of the op: dispatch to the forward, decode and backward kernels.
+"""The op on the Triton kernels: forward (flash or split-key decode) and backward.
 
-Same functions and contract as `reference.forward` / `reference.backward`. float64 inputs fall back to the
-reference (the kernels accumulate in fp32). Short query blocks over long keys (decode) take the split-key
-kernel in flash_decode.py; everything else the flash kernels of flash_fwd.py / flash_bwd.py.
+Same contract as the CPU path (cpu.py). float64 inputs take the CPU path's blockwise code (the kernels
+accumulate in fp32). Few queries over long keys (decode) take flash_decode.py; everything else the flash
+kernels of flash_fwd.py / flash_bwd.py.
 """
 import torch
 
-from flashfuse.kernels import flash_bwd, flash_decode, flash_fwd, reference
-from flashfuse.kernels.flash_common import as_bytes, dropout_keep_mask, make_spec
+from flashfuse.kernels import cpu, flash_bwd, flash_decode, flash_fwd
+from flashfuse.kernels.flash_common import as_bytes, dropout_keep_mask
+from flashfuse.kernels.flash_fwd import unit_last_stride
 
 __all__ = ["forward", "backward", "dropout_keep_mask"]
 
 
-def forward(q, k, v, bias, mask, *, scale, softcap, mask_value, causal, window_left, window_right, dropout_p, seed):
-    """Returns out (B, Hq, Nq, Dv) in q's dtype, contiguous, and stats (2, B, Hq, Nq) fp32: each row's max
-    score and log-sum, so logsumexp = stats[0] + stats[1] (reference.py says why they are kept apart)."""
+def direct(kernel, grid):
+    """Launch a kernel as Triton does."""
+    return kernel[grid]
+
+
+def forward(q, k, v, bias, mask, seed, spec, launch=direct):
+    """out (B, Hq, Nq, Dv) in q's dtype, contiguous, and stats (2, B, Hq, Nq) fp32 (see cpu.py).
+
+    launch(kernel, grid) returns what to call with the kernel's arguments: `direct`, or torch's
+    wrap_triton so that torch.compile sees the kernels (op.py)."""
     if q.dtype == torch.float64:
-        return reference.forward(q, k, v, bias, mask, scale=scale, softcap=softcap, mask_value=mask_value,
-                                 causal=causal, window_left=window_left, window_right=window_right,
-                                 dropout_p=dropout_p, seed=seed)
-    spec = make_spec(bias, mask, scale=scale, softcap=softcap, mask_value=mask_value, causal=causal,
-                     window_left=window_left, window_right=window_right, dropout_p=dropout_p)
-    seed = None if dropout_p == 0.0 else seed
+        return cpu.forward(q, k, v, bias, mask, seed, spec)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    seed = seed if spec.dropout_p else None
     if flash_decode.suits(q, k):
-        return flash_decode.forward(q, k, v, bias, as_bytes(mask), seed, spec)
-    return flash_fwd.forward(q, k, v, bias, as_bytes(mask), seed, spec)
+        return flash_decode.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch)
+    return flash_fwd.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch)
 
 
-def backward(dout, q, k, v, bias, mask, out, stats, *, scale, softcap, mask_value, causal, window_left, window_right,
-             dropout_p, seed, bias_grad):
-    """Returns dq, dk, dv (shapes and dtypes of q, k, v) and dbias (bias's shape and dtype) or None.
-
-    stats: as forward returns them; a (B, Hq, Nq) log-sum-exp is taken too (exact except on rows whose max
-    is a huge finite fill)."""
+def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch=direct):
+    """dq, dk, dv (shapes and dtypes of q, k, v) and dbias (bias's shape and dtype) or None."""
     if q.dtype == torch.float64:
-        return reference.backward(dout, q, k, v, bias, mask, out, stats, scale=scale, softcap=softcap,
-                                  mask_value=mask_value, causal=causal, window_left=window_left,
-                                  window_right=window_right, dropout_p=dropout_p, seed=seed, bias_grad=bias_grad)
-    spec = make_spec(bias, mask, scale=scale, softcap=softcap, mask_value=mask_value, causal=causal,
-                     window_left=window_left, window_right=window_right, dropout_p=dropout_p)
-    seed = None if dropout_p == 0.0 else seed
-    return flash_bwd.backward(dout, q, k, v, bias, as_bytes(mask), out, stats, seed, spec, bias_grad)
+        return cpu.backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad)
+    q, k, v, dout = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), unit_last_stride(dout)
+    seed = seed if spec.dropout_p else None
+    return flash_bwd.backward(dout, q, k, v, bias, as_bytes(mask), seed, out, stats, spec, bias_grad, launch)

@@ -5,25 +5,23 @@ Launched by flash_bwd.backward after the delta preprocess; P is recomputed from 
 import triton
 import triton.language as tl
 
-from flashfuse.kernels.flash_common import _band, _dot, _dropout_keep, _row_stats, _score_tile
+from flashfuse.kernels.flash_common import _band, _dot, _dropout_keep, _recompute_p, _row_stats, _score_tile, _stage
 
 
 @triton.jit
-def _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, hi, K, V, skn, skd, svn, svd, Bias, bias_off, sbn, Mask, mask_off,
-              smn, seed, n_keys, shift, left, right, scale, softcap, mask_value, dropout_p,
-              D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-              BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-              RAW: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
-              MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, hi, K, V, skn, svn, bias_rows, sbn, mask_rows, smn,
+              seed, n_keys, shift, MASKED: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
+              MASK_VALUE: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, DROPOUT_P: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr,
+              DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
-    qk_scale = scale * 1.4426950408889634
     for start in tl.range(lo, hi, BLOCK_N):
         j = start + offs_n
         # -- k^T: (HEAD_D, BLOCK_N), v^T: (HEAD_DV, BLOCK_N) ----
-        kt_ptrs = K + offs_d[:, None] * skd + j[None, :] * skn
-        vt_ptrs = V + offs_dv[:, None] * svd + j[None, :] * svn
+        kt_ptrs = K + offs_d[:, None] + j[None, :] * skn
+        vt_ptrs = V + offs_dv[:, None] + j[None, :] * svn
         if MASKED:
             kt = tl.load(kt_ptrs, mask=(offs_d[:, None] < D) & (j[None, :] < n_keys), other=0.0)
             vt = tl.load(vt_ptrs, mask=(offs_dv[:, None] < DV) & (j[None, :] < n_keys), other=0.0)
@@ -31,21 +29,18 @@ def _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, hi, K, V, skn, skd
             kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)
             vt = tl.load(vt_ptrs, mask=offs_dv[:, None] < DV, other=0.0)
         qk = _dot(q, kt, None, PRECISION)
-        s, t, keep = _score_tile(qk, i[:, None], j[None, :], n_keys, shift, left, right, scale, softcap,
-                                 mask_value, Bias, bias_off[:, None], sbn, Mask, mask_off[:, None], smn,
-                                 HAS_BIAS, HAS_MASK, SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT, MASKED)
-        if RAW:
-            p = tl.exp2(s * qk_scale - ((row_max + log_sum) * 1.4426950408889634)[:, None])
-        else:
-            p = tl.exp2((s - row_max[:, None]) * 1.4426950408889634 - (log_sum * 1.4426950408889634)[:, None])
+        s, t, keep = _score_tile(qk, i[:, None], j[None, :], n_keys, shift, bias_rows[:, None] + j[None, :] * sbn,
+                                 mask_rows[:, None] + j[None, :] * smn, MASKED, SCALE, SOFTCAP, MASK_VALUE, LEFT,
+                                 RIGHT, HAS_BIAS, HAS_MASK)
+        p = _recompute_p(s, row_max[:, None], log_sum[:, None], SCALE, SOFTCAP, HAS_BIAS, HAS_MASK)
         dp = _dot(do, vt, None, PRECISION)
-        if DROPOUT:
-            kept = _dropout_keep(seed, row, start, n_keys, dropout_p, BLOCK_N)
-            dp = tl.where(kept, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        if DROPOUT_P > 0.0:
+            kept = _dropout_keep(seed, row, start, n_keys, DROPOUT_P, BLOCK_N)
+            dp = tl.where(kept, dp * (1.0 / (1.0 - DROPOUT_P)), 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_MASK:
             ds = tl.where(keep, ds, 0.0)
-        if SOFTCAP:
+        if SOFTCAP != 0.0:
             ds = ds * (1.0 - t * t)
         dq = _dot(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION)
     return dq
@@ -53,16 +48,14 @@ def _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, hi, K, V, skn, skd
 
 @triton.jit
 def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ,
-               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-               sbb, sbh, sbm, sbn, smb, smh, smm, smn,
-               n_heads, n_queries, n_keys, group, n_stats, scale, softcap, mask_value, left, right, dropout_p,
-               N_BUCKET, CASE,
-               D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-               HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, RAW: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
+               n_heads, group, n_queries, n_keys,
+               SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASK_VALUE: tl.constexpr, LEFT: tl.constexpr,
+               RIGHT: tl.constexpr, DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+               PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr,
+               HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
-    if HAS_RIGHT:  # causal-like: later query blocks see more keys, so start them first
+    if RIGHT >= 0:  # causal-like: later query blocks see more keys, so start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
@@ -73,36 +66,29 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ,
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
     shift = n_keys - n_queries
+    n_stats = tl.num_programs(1).to(tl.int64) * n_queries
     # load q, dO, row stats, delta: they stay in registers throughout
     q_valid = (i[:, None] < n_queries) & (offs_d[None, :] < D)
-    q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + offs_d[None, :] * sqd, mask=q_valid, other=0.0)
-    do = tl.load(dO + b * sdb + h * sdh + i[:, None] * sdm + offs_dv[None, :] * sdd,
+    q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + offs_d[None, :], mask=q_valid, other=0.0)
+    do = tl.load(dO + b * sdb + h * sdh + i[:, None] * sdm + offs_dv[None, :],
                  mask=(i[:, None] < n_queries) & (offs_dv[None, :] < DV), other=0.0)
     row = (b * n_heads + h) * n_queries + i
     row_max, log_sum = _row_stats(Stats, row, n_stats, i < n_queries, True)
     delta = tl.load(Delta + row, mask=i < n_queries, other=0.0)
-    K += b * skb + hkv * skh
-    V += b * svb + hkv * svh
     ic = tl.minimum(i, n_queries - 1)
-    bias_off = b * sbb + h * sbh + ic * sbm
-    mask_off = b * smb + h * smh + ic * smm
+    bias_rows = Bias + b * sbb + h * sbh + ic * sbm
+    mask_rows = Mask + b * smb + h * smh + ic * smm
     seed = 0
-    if DROPOUT:
+    if DROPOUT_P > 0.0:
         seed = tl.load(Seed)
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-    lo, mid_lo, mid_hi, hi = _band(m0, n_keys, shift, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
-    # stage 1: masked blocks left of the band; 2: mask-free band; 3: diagonal, window edge, ragged tail
-    dq = _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, mid_lo, K, V, skn, skd, svn, svd, Bias, bias_off, sbn, Mask,
-                   mask_off, smn, seed, n_keys, shift, left, right, scale, softcap, mask_value, dropout_p,
-                   D, DV, HEAD_D, HEAD_DV, BLOCK_N, HAS_BIAS, HAS_MASK, SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT, DROPOUT,
-                   True, PRECISION)
-    dq = _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, mid_lo, mid_hi, K, V, skn, skd, svn, svd, Bias, bias_off, sbn,
-                   Mask, mask_off, smn, seed, n_keys, shift, left, right, scale, softcap, mask_value, dropout_p,
-                   D, DV, HEAD_D, HEAD_DV, BLOCK_N, HAS_BIAS, HAS_MASK, SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT, DROPOUT,
-                   False, PRECISION)
-    dq = _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, mid_hi, hi, K, V, skn, skd, svn, svd, Bias, bias_off, sbn, Mask,
-                   mask_off, smn, seed, n_keys, shift, left, right, scale, softcap, mask_value, dropout_p,
-                   D, DV, HEAD_D, HEAD_DV, BLOCK_N, HAS_BIAS, HAS_MASK, SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT, DROPOUT,
-                   True, PRECISION)
-    dq = dq * scale
+    lo, mid_lo, mid_hi, hi = _band(m0, n_keys, shift, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    for stage in tl.static_range(3):
+        if stage != 0 or LEFT >= 0:  # stage 0 holds blocks only under a window
+            start, end = _stage(stage, lo, mid_lo, mid_hi, hi)
+            dq = _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, start, end, K + b * skb + hkv * skh,
+                           V + b * svb + hkv * svh, skn, svn, bias_rows, sbn, mask_rows, smn, seed, n_keys, shift,
+                           stage != 1, SCALE, SOFTCAP, MASK_VALUE, LEFT, RIGHT, DROPOUT_P, HAS_BIAS, HAS_MASK,
+                           PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
+    dq = dq * SCALE
     tl.store(dQ + row[:, None] * D + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_valid)

@@ -1,25 +1,27 @@
-"""What every flash kernel shares: the score tile (the op's semantics, in one place) and the host-side spec.
+"""What every flash kernel shares: the score tile (the op's formula, spec.py), P recomputed from the row stats,
+the visible block band, dropout draws, and the host side's spec -> constexpr mapping.
 
-A score tile holds queries `i` and keys `j` given as broadcastable index tensors: [BM, 1] and [1, BN] for
-q @ k^T, or [1, BM] and [BN, 1] for k @ q^T. The forward, backward and decode kernels all build their
-scores here, so bias, mask, softcap, causal/window and dropout follow one rule everywhere.
+A score tile holds queries `i` and keys `j` as broadcastable index tensors: [BM, 1] and [1, BN] for q @ k^T,
+or [1, BM] and [BN, 1] for k @ q^T. The forward, dQ, dK/dV and decode kernels all build their scores here,
+so bias, mask, softcap, causal/window and dropout follow one rule everywhere.
+
+The spec reaches the kernels as constexprs (`constexprs`): SCALE, SOFTCAP, MASK_VALUE, LEFT, RIGHT (the key
+bounds of spec.key_bounds, -1 unbounded), DROPOUT_P, HAS_BIAS, HAS_MASK, and PRECISION for the dots.
 """
-from typing import NamedTuple
-
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
 def _tanh(x):
     # tanh through exp2 rather than libdevice, so the interpreter runs it too; saturates to +-1 cleanly
-    e = tl.exp2(x * 2.8853900817779268)  # exp(2x)
+    e = tl.exp2(x * (2.0 * LOG2E))  # exp(2x)
     return 1.0 - 2.0 / (e + 1.0)
 
 
@@ -33,48 +35,63 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _score_tile(qk, i, j, n_keys, shift, left, right, scale, softcap, mask_value,
-                bias_ptr, bias_off, stride_bn, mask_ptr, mask_off, stride_mn,
-                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, RAW: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr):
+def _raw(SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """True when the scores are just SCALE * q.k (no softcap, bias or mask, SCALE > 0): the kernels then keep
+    them in raw q.k units and fold SCALE * LOG2E into exp2."""
+    return SOFTCAP == 0.0 and not HAS_BIAS and not HAS_MASK and SCALE > 0.0
+
+
+@triton.jit
+def _score_tile(qk, i, j, n_keys, shift, bias_ptrs, mask_ptrs, MASKED: tl.constexpr,
+                SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASK_VALUE: tl.constexpr, LEFT: tl.constexpr,
+                RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     """Scores of one tile from qk = q . k (fp32). Returns (s, t, keep).
 
-    s: the scores; in raw q.k units when RAW (no bias, mask or softcap: the caller folds scale into exp2),
-       else scale * q.k, softcapped, plus bias, mask_value where the mask hides a key.
-    t: tanh of the softcap (for its gradient), keep: the mask tile (for the gradient of hidden scores).
+    s: the scores; in raw q.k units when `_raw` (the caller folds SCALE into exp2), else SCALE * q.k,
+       softcapped, plus bias, MASK_VALUE where the mask hides a key.
+    t: tanh of the softcap (for its gradient); keep: the mask tile (for the gradient of hidden scores).
+    bias_ptrs / mask_ptrs: pointers of this tile's bias / mask elements (their query rows clamped in range).
     MASKED: the tile may cross the key bound, the causal diagonal or the window; else every key is visible.
-    bias_off / mask_off: per-query offsets, already holding batch, head and (clamped) query terms.
     """
     t = qk
     keep = qk
-    if RAW:
+    if _raw(SCALE, SOFTCAP, HAS_BIAS, HAS_MASK):
         s = qk
     else:
-        s = qk * scale
-        if SOFTCAP:
-            t = _tanh(s / softcap)
-            s = softcap * t
+        s = qk * SCALE
+        if SOFTCAP != 0.0:
+            t = _tanh(s * (1.0 / SOFTCAP))
+            s = SOFTCAP * t
         if HAS_BIAS:
             if MASKED:
-                b = tl.load(bias_ptr + bias_off + j * stride_bn, mask=j < n_keys, other=0.0)
+                s += tl.load(bias_ptrs, mask=j < n_keys, other=0.0).to(tl.float32)
             else:
-                b = tl.load(bias_ptr + bias_off + j * stride_bn)
-            s = s + b.to(tl.float32)
+                s += tl.load(bias_ptrs).to(tl.float32)
         if HAS_MASK:
             if MASKED:
-                keep = tl.load(mask_ptr + mask_off + j * stride_mn, mask=j < n_keys, other=1) != 0
+                keep = tl.load(mask_ptrs, mask=j < n_keys, other=1) != 0
             else:
-                keep = tl.load(mask_ptr + mask_off + j * stride_mn) != 0
-            s = tl.where(keep, s, mask_value)
+                keep = tl.load(mask_ptrs) != 0
+            s = tl.where(keep, s, MASK_VALUE)
     if MASKED:
         # bottom-right aligned: query i faces key i + shift (shift = Nk - Nq); hidden keys get -inf
         visible = j < n_keys
-        if HAS_RIGHT:
-            visible = visible & (j <= i + shift + right)
-        if HAS_LEFT:
-            visible = visible & (j >= i + shift - left)
+        if RIGHT >= 0:
+            visible = visible & (j <= i + shift + RIGHT)
+        if LEFT >= 0:
+            visible = visible & (j >= i + shift - LEFT)
         s = tl.where(visible, s, float("-inf"))
     return s, t, keep
+
+
+@triton.jit
+def _recompute_p(s, row_max, log_sum, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_MASK: tl.constexpr):
+    """p = exp(s - max - log_sum) from the forward's row stats, broadcast as s is (row_max / log_sum already
+    expanded along the key axis). Raw scores take the scale here."""
+    if _raw(SCALE, SOFTCAP, HAS_BIAS, HAS_MASK):
+        return tl.exp2(s * (SCALE * LOG2E) - (row_max + log_sum) * LOG2E)
+    return tl.exp2((s - row_max) * LOG2E - log_sum * LOG2E)
 
 
 @triton.jit
@@ -92,34 +109,47 @@ def _row_stats(Stats, rows, n_stats, valid, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _band(own0, n_other, offset, below, above, HAS_BELOW: tl.constexpr, HAS_ABOVE: tl.constexpr,
-          OWN_BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr):
+def _band(own0, n_other, offset, BELOW: tl.constexpr, ABOVE: tl.constexpr, OWN_BLOCK: tl.constexpr,
+          OTHER_BLOCK: tl.constexpr):
     """Block ranges along the other axis seen by the own block [own0, own0 + OWN_BLOCK), where own index x
-    sees other indices [x + offset - below, x + offset + above] (below/above unbounded unless HAS_*).
+    sees other indices [x + offset - BELOW, x + offset + ABOVE] (each side unbounded when it is -1).
 
     Returns (lo, mid_lo, mid_hi, hi): [lo, hi) holds every visible block (lo and mid_* are multiples of
     OTHER_BLOCK) and [mid_lo, mid_hi) the full blocks that every own index sees whole: no mask needed.
-    Forward: own = queries, other = keys, offset = Nk - Nq, below = left, above = right; the dK/dV
-    kernel runs it the other way round (offset = Nq - Nk, below = right, above = left).
+    Forward: own = queries, other = keys, offset = Nk - Nq, BELOW = LEFT, ABOVE = RIGHT; the dK/dV
+    kernel runs it the other way round (offset = Nq - Nk, BELOW = RIGHT, ABOVE = LEFT).
     """
     lo = 0
     hi = n_other
     mid_lo = 0
     mid_hi = (n_other // OTHER_BLOCK) * OTHER_BLOCK
     # clamp before dividing: the interpreter floors negative quotients, compiled Triton truncates them
-    if HAS_BELOW:
-        lo = (tl.maximum(own0 + offset - below, 0) // OTHER_BLOCK) * OTHER_BLOCK
-        mid_lo = tl.cdiv(tl.maximum(own0 + OWN_BLOCK - 1 + offset - below, 0), OTHER_BLOCK) * OTHER_BLOCK
-    if HAS_ABOVE:
-        hi = tl.minimum(hi, tl.maximum(own0 + OWN_BLOCK + offset + above, 0))
-        mid_hi = tl.minimum(mid_hi, (tl.maximum(own0 + offset + above + 1, 0) // OTHER_BLOCK) * OTHER_BLOCK)
+    if BELOW >= 0:
+        lo = (tl.maximum(own0 + offset - BELOW, 0) // OTHER_BLOCK) * OTHER_BLOCK
+        mid_lo = tl.cdiv(tl.maximum(own0 + OWN_BLOCK - 1 + offset - BELOW, 0), OTHER_BLOCK) * OTHER_BLOCK
+    if ABOVE >= 0:
+        hi = tl.minimum(hi, tl.maximum(own0 + OWN_BLOCK + offset + ABOVE, 0))
+        mid_hi = tl.minimum(mid_hi, (tl.maximum(own0 + offset + ABOVE + 1, 0) // OTHER_BLOCK) * OTHER_BLOCK)
     mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
     mid_hi = tl.maximum(tl.minimum(mid_hi, hi), mid_lo)
     return lo, mid_lo, mid_hi, hi
 
 
 @triton.jit
-def _dropout_keep(seed, rows, j0, n_keys, dropout_p, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+def _stage(stage: tl.constexpr, lo, mid_lo, mid_hi, hi):
+    """The three stages of a band, as (start, end, MASKED): masked blocks below the full ones (window),
+    the full blocks (no mask), masked blocks above them (diagonal, window edge, ragged tail)."""
+    if stage == 0:
+        return lo, mid_lo
+    elif stage == 1:
+        return mid_lo, mid_hi
+    else:
+        return mid_hi, hi
+
+
+@triton.jit
+def _dropout_keep(seed, rows, j0, n_keys, DROPOUT_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                  TRANSPOSED: tl.constexpr = False):
     """Counter-based keep-mask of rows x keys [j0, j0 + BLOCK_N): (len(rows), BLOCK_N), or its transpose.
 
     rows: (b * Hq + h) * Nq + i, int64; j0 a multiple of 8. One Philox call (4 x 32 bits) gives 16-bit draws
@@ -133,50 +163,28 @@ def _dropout_keep(seed, rows, j0, n_keys, dropout_p, BLOCK_N: tl.constexpr, TRAN
     draws = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (rows.shape[0], BLOCK_N))
     if TRANSPOSED:
         draws = tl.trans(draws)
-    return draws.to(tl.float32) >= dropout_p * 65536.0
+    return draws.to(tl.float32) >= DROPOUT_P * 65536.0
 
 
 @triton.jit
-def _keep_mask_kernel(Seed, Keep, rows, n_keys, dropout_p, BLOCK: tl.constexpr):
+def _keep_mask_kernel(Seed, Keep, n_keys, DROPOUT_P: tl.constexpr, BLOCK: tl.constexpr):
     # materializes the keep-mask of `_dropout_keep` for a (B, Hq, Nq, Nk) problem, as (rows, Nk) uint8
     row = tl.program_id(0).to(tl.int64)
     seed = tl.load(Seed)
     for start in range(0, n_keys, BLOCK):
         j = start + tl.arange(0, BLOCK)
-        keep = _dropout_keep(seed, row + tl.arange(0, 1), start, n_keys, dropout_p, BLOCK)  # (1, BLOCK)
+        keep = _dropout_keep(seed, row + tl.arange(0, 1), start, n_keys, DROPOUT_P, BLOCK)  # (1, BLOCK)
         tl.store(Keep + row * n_keys + j[None, :], keep.to(tl.uint8), mask=j[None, :] < n_keys)
 
 
-class Spec(NamedTuple):
-    """The op's flags as the kernels take them."""
-    scale: float
-    softcap: float
-    mask_value: float
-    left: int  # keys visible left of the aligned diagonal (-1: unbounded)
-    right: int  # keys visible right of it; causal makes this <= 0 (-1: unbounded)
-    dropout_p: float
-    raw: bool  # no bias, mask or softcap and scale > 0: scale folds into exp2
+# -- host side ------------------------------------------------------------------------------------------------
 
-    @property
-    def has_left(self):
-        return self.left >= 0
-
-    @property
-    def has_right(self):
-        return self.right >= 0
-
-    @property
-    def case(self):
-        """Autotune key of the masking case: 0 full, 1 causal-like (right bound), 2 window (left bound)."""
-        return 2 if self.has_left else (1 if self.has_right else 0)
-
-
-def make_spec(bias, mask, *, scale, softcap, mask_value, causal, window_left, window_right, dropout_p):
-    right = window_right
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    raw = bias is None and mask is None and not softcap and scale > 0
-    return Spec(float(scale), float(softcap), float(mask_value), int(window_left), int(right), float(dropout_p), raw)
+def constexprs(spec, bias, mask, dtype):
+    """The spec as the kernels' constexprs (the names the kernels' signatures share)."""
+    left, right = spec.key_bounds()
+    return dict(SCALE=spec.scale, SOFTCAP=spec.softcap, MASK_VALUE=spec.mask_value, LEFT=left, RIGHT=right,
+                DROPOUT_P=spec.dropout_p, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+                PRECISION=precision(dtype))
 
 
 def precision(dtype):
@@ -203,9 +211,9 @@ def as_bytes(mask):
 def dropout_keep_mask(seed, shape, dropout_p, device):
     """The kernels' dropout keep-mask for a (B, Hq, Nq, Nk) problem, as a bool tensor of that shape.
 
-    Tests pass it to reference.naive(..., dropout_keep_mask=...) to check the kernels' dropout.
+    Tests pass it to reference.oracle(..., dropout_keep=...) to check the kernels' dropout.
     """
     b, h, nq, nk = shape
     keep = torch.empty((b * h * nq, nk), dtype=torch.uint8, device=device)
-    _keep_mask_kernel[(b * h * nq,)](seed.to(device), keep, b * h * nq, nk, float(dropout_p), BLOCK=64)
+    _keep_mask_kernel[(b * h * nq,)](seed.to(device), keep, nk, DROPOUT_P=float(dropout_p), BLOCK=64)
     return keep.view(torch.bool).reshape(shape)

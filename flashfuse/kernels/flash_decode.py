@@ -11,24 +11,23 @@ import triton
 import triton.language as tl
 
 from flashfuse.kernels import configs
-from flashfuse.kernels.flash_common import broadcast_strides, precision
-from flashfuse.kernels.flash_fwd import _fwd_inner, head_pad
+from flashfuse.kernels.flash_common import broadcast_strides, constexprs
+from flashfuse.kernels.flash_fwd import _fwd_epilogue, _fwd_inner, head_pad
 
 MAX_QUERIES = 16
 
 
 @triton.jit
 def _decode_split_kernel(Q, K, V, Bias, Mask, Seed, OPart, MPart, LPart,
-                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                         sbb, sbh, sbm, sbn, smb, smh, smm, smn,
-                         n_heads, n_kv_heads, n_queries, n_keys, group, chunk, total_rows,
-                         scale, softcap, mask_value, left, right, dropout_p,
-                         D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, RAW: tl.constexpr,
-                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
-                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
+                         n_heads, group, n_queries, n_keys, chunk,
+                         SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASK_VALUE: tl.constexpr, LEFT: tl.constexpr,
+                         RIGHT: tl.constexpr, DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    n_kv_heads = n_heads // group
     b = (pid_bh // n_kv_heads).to(tl.int64)
     hkv = (pid_bh % n_kv_heads).to(tl.int64)
     # packed rows r = g * Nq + i: q head hkv * group + g, query i
@@ -39,45 +38,45 @@ def _decode_split_kernel(Q, K, V, Bias, Mask, Seed, OPart, MPart, LPart,
     h = hkv * group + rc // n_queries
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
-    q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_d[None, :] * sqd,
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_d[None, :],
                 mask=(r[:, None] < n_rows) & (offs_d[None, :] < D), other=0.0)
-    bias_off = b * sbb + h * sbh + i * sbm
-    mask_off = b * smb + h * smh + i * smm
     row = (b * n_heads + h) * n_queries + i
     seed = 0
-    if DROPOUT:
+    if DROPOUT_P > 0.0:
         seed = tl.load(Seed)
     # this split's keys, narrowed to what any of the queries can see (every block masked: tiles are few)
     shift = n_keys - n_queries
     lo = 0
     hi = n_keys
-    if HAS_LEFT:  # query 0's first key, floored to a block (chunks are whole blocks)
-        lo = (tl.maximum(shift - left, 0) // BLOCK_N) * BLOCK_N
-    if HAS_RIGHT:  # one past query Nq - 1's last key
-        hi = tl.minimum(n_keys, tl.maximum(n_queries + shift + right, 0))
+    if LEFT >= 0:  # query 0's first key, floored to a block (chunks are whole blocks)
+        lo = (tl.maximum(shift - LEFT, 0) // BLOCK_N) * BLOCK_N
+    if RIGHT >= 0:  # one past query Nq - 1's last key
+        hi = tl.minimum(n_keys, tl.maximum(n_queries + shift + RIGHT, 0))
     lo = tl.maximum(lo, split * chunk)
     hi = tl.minimum(hi, split * chunk + chunk)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, i, row, lo, hi, K + b * skb + hkv * skh, V + b * svb + hkv * svh,
-                               skn, skd, svn, svd, Bias, bias_off, sbn, Mask, mask_off, smn, seed, n_keys, shift,
-                               left, right, scale, softcap, mask_value, dropout_p, D, DV, HEAD_D, HEAD_DV, BLOCK_N,
-                               HAS_BIAS, HAS_MASK, SOFTCAP, RAW, HAS_LEFT, HAS_RIGHT, DROPOUT, True, PRECISION)
-    if RAW:
-        m_i = m_i * scale
+                               skn, svn, Bias + b * sbb + h * sbh + i * sbm, sbn, Mask + b * smb + h * smh + i * smm,
+                               smn, seed, n_keys, shift, True, SCALE, SOFTCAP, MASK_VALUE, LEFT, RIGHT, DROPOUT_P,
+                               HAS_BIAS, HAS_MASK, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
+    # partials stay unscaled by dropout and keep empty rows as NaN: the combine kernel applies both
+    out, m_i, log_sum = _fwd_epilogue(acc, l_i, m_i, SCALE, SOFTCAP, HAS_BIAS, HAS_MASK, 0.0, False)
+    total_rows = tl.num_programs(1).to(tl.int64) * group * n_queries
     part = split.to(tl.int64) * total_rows + row
     valid = r < n_rows
-    tl.store(OPart + part[:, None] * DV + offs_dv[None, :], acc / l_i[:, None],
-             mask=valid[:, None] & (offs_dv[None, :] < DV))
+    tl.store(OPart + part[:, None] * DV + offs_dv[None, :], out, mask=valid[:, None] & (offs_dv[None, :] < DV))
     tl.store(MPart + part, m_i, mask=valid)
-    tl.store(LPart + part, tl.log(l_i), mask=valid)
+    tl.store(LPart + part, log_sum, mask=valid)
 
 
 @triton.jit
-def _decode_combine_kernel(OPart, MPart, LPart, Out, Stats, n_splits, total_rows, dropout_p,
-                           DV: tl.constexpr, HEAD_DV: tl.constexpr, SPLITS: tl.constexpr, DROPOUT: tl.constexpr):
+def _decode_combine_kernel(OPart, MPart, LPart, Out, Stats, n_splits, DROPOUT_P: tl.constexpr,
+                           EMPTY_ZERO: tl.constexpr, DV: tl.constexpr, HEAD_DV: tl.constexpr,
+                           SPLITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    total_rows = tl.num_programs(0).to(tl.int64)
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, HEAD_DV)
     part = s * total_rows + row
@@ -92,8 +91,10 @@ def _decode_combine_kernel(OPart, MPart, LPart, Out, Stats, n_splits, total_rows
     o = tl.where(w[:, None] > 0.0, o, 0.0)  # their partials are 0/0
     l = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / l  # a row that saw no key: 0/0 = NaN, max = log-sum = -inf
-    if DROPOUT:
-        out = out * (1.0 / (1.0 - dropout_p))
+    if EMPTY_ZERO:
+        out = tl.where(l == 0.0, 0.0, out)
+    if DROPOUT_P > 0.0:
+        out = out * (1.0 / (1.0 - DROPOUT_P))
     tl.store(Out + row * DV + d, out.to(Out.dtype.element_ty), mask=d < DV)
     tl.store(Stats + row, m)
     tl.store(Stats + total_rows + row, tl.log(l))
@@ -117,7 +118,7 @@ def _splits(n_programs, n_blocks, device):
     return max(1, min(n_blocks, triton.cdiv(2 * sms, n_programs), 128))
 
 
-def forward(q, k, v, bias, mask, seed, spec):
+def forward(q, k, v, bias, mask, seed, spec, launch):
     """Split-key forward; same contract as flash_fwd.forward."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -135,17 +136,14 @@ def forward(q, k, v, bias, mask, seed, spec):
     o_part = torch.empty((splits, total_rows, dv), dtype=torch.float32, device=q.device)
     m_part = torch.empty((splits, total_rows), dtype=torch.float32, device=q.device)
     l_part = torch.empty((splits, total_rows), dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(splits, b * hkv, m_tiles)](
-        q, k, v, q if bias is None else bias, q if mask is None else mask, q if seed is None else seed, o_part, m_part, l_part,
-        *q.stride(), *k.stride(), *v.stride(), *broadcast_strides(bias), *broadcast_strides(mask),
-        hq, hkv, nq, nk, group, chunk, total_rows, spec.scale, spec.softcap, spec.mask_value, spec.left, spec.right,
-        spec.dropout_p, D=d, DV=dv, HEAD_D=head_d, HEAD_DV=head_dv, HAS_BIAS=bias is not None,
-        HAS_MASK=mask is not None, SOFTCAP=spec.softcap != 0.0, RAW=spec.raw, HAS_LEFT=spec.has_left,
-        HAS_RIGHT=spec.has_right, DROPOUT=spec.dropout_p > 0.0, PRECISION=precision(q.dtype), BLOCK_M=block_m,
-        BLOCK_N=block_n, **cfg)
+    launch(_decode_split_kernel, (splits, b * hkv, m_tiles))(
+        q, k, v, q if bias is None else bias, q if mask is None else mask, q if seed is None else seed,
+        o_part, m_part, l_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *broadcast_strides(bias),
+        *broadcast_strides(mask), hq, group, nq, nk, chunk, **constexprs(spec, bias, mask, q.dtype),
+        D=d, DV=dv, HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_M=block_m, BLOCK_N=block_n, **cfg)
     out = torch.empty((b, hq, nq, dv), dtype=q.dtype, device=q.device)
     stats = torch.empty((2, b, hq, nq), dtype=torch.float32, device=q.device)
-    _decode_combine_kernel[(total_rows,)](o_part, m_part, l_part, out, stats, splits, total_rows, spec.dropout_p, DV=dv,
-                                          HEAD_DV=head_dv, SPLITS=triton.next_power_of_2(splits),
-                                          DROPOUT=spec.dropout_p > 0.0)
+    launch(_decode_combine_kernel, (total_rows,))(
+        o_part, m_part, l_part, out, stats, splits, DROPOUT_P=spec.dropout_p, EMPTY_ZERO=spec.empty_rows == "zero",
+        DV=dv, HEAD_DV=head_dv, SPLITS=triton.next_power_of_2(splits))
     return out, stats

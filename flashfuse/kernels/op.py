@@ -1,16 +1,15 @@
-"""The `flashfuse` op family that every rewrite calls.
+"""The `flashfuse` op family that every rewrite calls, with the spec as one string (spec.py):
 
-    torch.ops.flashfuse.fwd(q, k, v, bias, mask, scale, softcap, mask_value, causal,
-                            window_left, window_right, dropout_p, seed) -> (out, stats)
-    torch.ops.flashfuse.bwd(dout, q, k, v, bias, mask, out, stats, <same flags>, bias_grad)
-                            -> (dq, dk, dv, dbias)
+    torch.ops.flashfuse.fwd(q, k, v, bias, mask, seed, spec) -> (out, stats)
+    torch.ops.flashfuse.bwd(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad) -> (dq, dk, dv, dbias)
 
-stats (2, B, Hq, Nq) holds each row's max score and log-sum (reference.py says why both).
+bias, mask and seed are optional tensors (seed: int64 (1,), drawn by `new_seed`, when spec.dropout_p > 0);
+stats (2, B, Hq, Nq) holds each row's max score and log-sum (cpu.py says why both). dbias is empty unless
+bias_grad.
 
-Both have fake implementations (FakeTensor, symbolic shapes, inductor) and `fwd` has autograd,
-so graphs that call them train. Implementations: the Triton kernels for CUDA tensors (and for CPU
-tensors when TRITON_INTERPRET=1), the blockwise reference otherwise. `attention` in `api.py` is the
-public, validated entry point.
+Both have fake implementations (FakeTensor, symbolic shapes, inductor) and `fwd` has autograd, so graphs
+that call them train. Implementations: the Triton kernels for CUDA tensors (and for CPU tensors when
+TRITON_INTERPRET=1), the CPU path otherwise. `attention` in api.py is the public, validated entry point.
 """
 import os
 from typing import Optional
@@ -18,10 +17,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashfuse.kernels import reference
+from flashfuse.kernels import cpu
+from flashfuse.kernels.spec import AttentionSpec
 
 #: How many times the op has run, by implementation; tests count rewritten sites with it.
-CALLS = {"triton": 0, "reference": 0}
+CALLS = {"triton": 0, "cpu": 0}
 
 
 def uses_triton(t: Tensor) -> bool:
@@ -33,43 +33,37 @@ def _implementation(t: Tensor):
     if uses_triton(t):
         from flashfuse.kernels import flash
         return "triton", flash
-    return "reference", reference
+    return "cpu", cpu
 
 
 @torch.library.custom_op("flashfuse::fwd", mutates_args=())
-def fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], scale: float,
-        softcap: float, mask_value: float, causal: bool, window_left: int, window_right: int, dropout_p: float,
-        seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], seed: Optional[Tensor],
+        spec: str) -> tuple[Tensor, Tensor]:
     name, impl = _implementation(q)
     CALLS[name] += 1
-    out, stats = impl.forward(q, k, v, bias, mask, scale=scale, softcap=softcap, mask_value=mask_value,
-                              causal=causal, window_left=window_left, window_right=window_right, dropout_p=dropout_p,
-                              seed=seed)
+    out, stats = impl.forward(q, k, v, bias, mask, seed, AttentionSpec.decode(spec))
     return out.contiguous(), stats.contiguous()
 
 
 @fwd.register_fake
-def _(q, k, v, bias, mask, scale, softcap, mask_value, causal, window_left, window_right, dropout_p, seed):
+def _(q, k, v, bias, mask, seed, spec):
     b, h, n, _ = q.shape
-    return q.new_empty((b, h, n, v.shape[-1])), q.new_empty((2, b, h, n), dtype=reference.stats_dtype(q.dtype))
+    return q.new_empty((b, h, n, v.shape[-1])), q.new_empty((2, b, h, n), dtype=cpu.stats_dtype(q.dtype))
 
 
 @torch.library.custom_op("flashfuse::bwd", mutates_args=())
-def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], out: Tensor,
-        stats: Tensor, scale: float, softcap: float, mask_value: float, causal: bool, window_left: int,
-        window_right: int, dropout_p: float, seed: Optional[Tensor],
+def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+        seed: Optional[Tensor], out: Tensor, stats: Tensor, spec: str,
         bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, impl = _implementation(q)
-    dq, dk, dv, dbias = impl.backward(
-        dout, q, k, v, bias, mask, out, stats, scale=scale, softcap=softcap, mask_value=mask_value, causal=causal,
-        window_left=window_left, window_right=window_right, dropout_p=dropout_p, seed=seed, bias_grad=bias_grad)
+    dq, dk, dv, dbias = impl.backward(dout, q, k, v, bias, mask, seed, out, stats, AttentionSpec.decode(spec),
+                                      bias_grad)
     dbias = q.new_empty(0) if dbias is None else dbias.contiguous()
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
 
 
 @bwd.register_fake
-def _(dout, q, k, v, bias, mask, out, stats, scale, softcap, mask_value, causal, window_left, window_right, dropout_p,
-      seed, bias_grad):
+def _(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad):
     dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias_grad else q.new_empty(0)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -81,20 +75,23 @@ def new_seed(like: Tensor) -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=like.device)
 
 
-_FLAGS = ("scale", "softcap", "mask_value", "causal", "window_left", "window_right", "dropout_p")
+def call(q, k, v, spec: AttentionSpec, bias=None, mask=None):
+    """Run the op for a spec: draws the dropout seed, returns (out, stats)."""
+    seed = new_seed(q) if spec.dropout_p else None
+    return torch.ops.flashfuse.fwd(q, k, v, bias, mask, seed, spec.encode())
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, *flags, seed = inputs
-    ctx.flags = dict(zip(_FLAGS, flags))
+    q, k, v, bias, mask, seed, spec = inputs
+    ctx.spec = spec
     ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
     ctx.save_for_backward(q, k, v, bias, mask, seed, *output)
 
 
 def _backward(ctx, dout, _dstats):
     q, k, v, bias, mask, seed, out, stats = ctx.saved_tensors
-    dq, dk, dv, dbias = bwd(dout, q, k, v, bias, mask, out, stats, *ctx.flags.values(), seed, ctx.bias_grad)
-    return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None, None, None, None, None, None, None
+    dq, dk, dv, dbias = bwd(dout, q, k, v, bias, mask, seed, out, stats, ctx.spec, ctx.bias_grad)
+    return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None
 
 
 torch.library.register_autograd("flashfuse::fwd", _backward, setup_context=_setup_context)

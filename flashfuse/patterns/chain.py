@@ -63,8 +63,7 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
         if state.get("tanh"):
             if c is None or c <= 0:
                 raise Refuse("tanh on the scores is not followed by a positive constant multiply")
-            plan.softcap = c
-            plan.scale *= c
+            plan.update(softcap=c, scale=plan.spec.scale * c)
             state["tanh"] = False
             state["capped"] = True
             return
@@ -72,7 +71,7 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
             if not runtime_scalar(other):
                 raise Refuse(f"scores multiplied by a tensor of shape {tuple(tensor_of(other).shape)}"
                              if tensor_of(other) is not None else "scores multiplied by an unknown value")
-            if plan.bias or plan.hide or plan.softcap:
+            if plan.bias or plan.hide or plan.spec.softcap:
                 raise Refuse("a tensor scale applied after a bias, mask or softcap")
             plan.scale_tensors.append((other, kind))
             return
@@ -83,10 +82,10 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
             raise Refuse("a scale applied after the softcap")
         if plan.hide and c < 0:
             raise Refuse("a negative scale after a mask")
-        plan.scale *= c
+        plan.update(scale=plan.spec.scale * c)
         plan.bias = [(b, w * c, shape) for b, w, shape in plan.bias]
         if plan.hide:
-            plan.mask_value = _rounded(plan.mask_value * c, node)
+            plan.update(mask_value=_rounded(plan.spec.mask_value * c, node))
         return
     if kind == "tanh":
         if plan.bias or plan.hide or state.get("capped"):
@@ -106,7 +105,7 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
         t = tensor_of(other)
         if t is None or not t.is_floating_point():
             raise Refuse("scores added to a non-float value")
-        if plan.hide and math.isfinite(plan.mask_value):
+        if plan.hide and math.isfinite(plan.spec.mask_value):
             raise Refuse("a bias added after a finite mask fill")
         plan.bias.append((other, sign, shape_of(prev)))
         return
@@ -124,9 +123,9 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
         t = tensor_of(hide)
         if t is None or t.dtype != torch.bool:
             raise Refuse("a mask that is not a bool tensor")
-        if plan.hide and value != plan.mask_value:
+        if plan.hide and value != plan.spec.mask_value:
             raise Refuse("two masks with different fill values")
         plan.hide.append((hide, negate, shape_of(prev)))
-        plan.mask_value = value
+        plan.update(mask_value=value)
         return
     raise Refuse(f"unsupported op {node.name} between the product and the softmax")

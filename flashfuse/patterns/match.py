@@ -64,8 +64,7 @@ def _take_structure(plan):
         return
     left, right = found
     plan.bias = []
-    plan.causal = right == 0
-    plan.window = (left, -1 if right == 0 else right)
+    plan.update(causal=right == 0, window=(left, -1 if right == 0 else right))
 
 
 def _after_softmax(softmax, plan):
@@ -82,7 +81,7 @@ def _after_softmax(softmax, plan):
             if rate is None or not isinstance(training, bool):
                 raise Refuse("dropout with a non-constant rate or training flag")
             if training and rate > 0:
-                plan.dropout_p = rate
+                plan.update(dropout_p=rate)
             p = user
         else:
             v = value_product(user, p)
@@ -124,7 +123,7 @@ def _check_operands(plan):
 
 
 def _fold_operand_scales(plan):
-    """Fold constant scalar multiplies on q and k (timm, Whisper, BART, d^-0.25 on both) into plan.scale.
+    """Fold constant scalar multiplies on q and k (timm, Whisper, BART, d^-0.25 on both) into the spec's scale.
 
     The multiply may sit under views and transposes; each node on the way must have one user.
     plan.bypass records (consumer, multiply, its input) for the rewrite to skip the multiply.
@@ -136,7 +135,7 @@ def _fold_operand_scales(plan):
                 break
             src, factor = _scaled(node)
             if src is not None:
-                plan.scale *= factor
+                plan.update(scale=plan.spec.scale * factor)
                 if child is None:
                     operand.node = src
                 else:

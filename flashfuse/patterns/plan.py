@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
+from flashfuse.kernels.spec import AttentionSpec
 from flashfuse.patterns import layout
 from flashfuse.patterns.inplace import metadata_only_use
 from flashfuse.patterns.ops import meta
@@ -33,27 +34,24 @@ class Plan:
     q: Operand = None
     k: Operand = None
     v: Operand = None
-    scale: float = 1.0
+    spec: AttentionSpec = AttentionSpec()  # the scalars proven so far (replaced, never mutated)
     scale_tensors: list = field(default_factory=list)  # [(node, "mul" | "div")], 0-dim, applied to q
-    softcap: float = 0.0
     bias: list = field(default_factory=list)  # [(node, coefficient, shape of the scores it was added to)]
     hide: list = field(default_factory=list)  # [(bool node, True if it keeps keys, shape of the scores)]
     scores_shape: tuple = ()  # the layout the softmax sees; q, k, v, bias and mask are brought to it
     scores_node: Node = None  # a node of that shape, for its sizes
     p: Node = None  # the weights as p.v reads them
-    mask_value: float = float("-inf")
-    dropout_p: float = 0.0
-    causal: bool = False
-    window: tuple = (-1, -1)  # (left, right) beyond the causal bound; -1 unbounded
-    zero_empty_rows: bool = False  # SDPA's convention: a query that sees no key gives 0
     bypass: list = field(default_factory=list)  # scalar mul/div nodes on q/k folded into `scale`
     chain: list = field(default_factory=list)  # nodes made dead by the rewrite
 
-    def spec(self):
-        return {"scale": self.scale if not self.scale_tensors else "runtime", "causal": self.causal,
-                "window": None if self.window == (-1, -1) else self.window, "softcap": self.softcap or None,
-                "bias": bool(self.bias), "mask": bool(self.hide), "gqa": max(self.k.group, 1) if self.k else 1,
-                "dropout_p": self.dropout_p}
+    def update(self, **changes):
+        """Replace fields of the spec (a frozen AttentionSpec)."""
+        self.spec = self.spec.replace(**changes)
+
+    def operands(self):
+        """What the op is handed besides q, k, v, for reports: bias, mask, GQA group, a runtime scale."""
+        return {"bias": bool(self.bias), "mask": bool(self.hide), "gqa": max(self.k.group, 1) if self.k else 1,
+                "runtime_scale": bool(self.scale_tensors)}
 
 
 def shape_of(node):

@@ -18,7 +18,7 @@ def score_product(node, plan):
         alpha, beta = constant(op.args["alpha"]), constant(op.args["beta"])
         if alpha is None or beta is None:
             raise Refuse("baddbmm with a non-constant alpha or beta")
-        plan.scale *= alpha
+        plan.update(scale=plan.spec.scale * alpha)
         if beta != 0:
             plan.bias.append((op.args["input"], beta, shape_of(node)))
     elif op.kind == "einsum":

@@ -183,14 +183,9 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
     full = (shape_of(q)[0], shape_of(q)[1], shape_of(q)[2], shape_of(k)[2])
     bias = _combined_bias(b, plan, full)
     mask = _combined_mask(b, plan, full)
-    seed = b(flash_op.new_seed, q) if plan.dropout_p > 0 else None
-    fused = b(torch.ops.flashfuse.fwd.default, q, k, v, bias, mask, float(plan.scale), float(plan.softcap),
-              float(plan.mask_value), bool(plan.causal), int(plan.window[0]), int(plan.window[1]),
-              float(plan.dropout_p), seed)
+    seed = b(flash_op.new_seed, q) if plan.spec.dropout_p else None
+    fused = b(torch.ops.flashfuse.fwd.default, q, k, v, bias, mask, seed, plan.spec.encode())
     out = b(operator.getitem, fused, 0)
-    if plan.zero_empty_rows:
-        row_max = b(operator.getitem, b(operator.getitem, fused, 1), 0)
-        out = b("masked_fill", out, b(torch.unsqueeze, b(torch.isneginf, row_max), -1), 0.0, method=True)
     want = meta(plan.output)
     while meta(out).dim() > len(plan.scores_shape):
         out = b(torch.squeeze, out, 0)

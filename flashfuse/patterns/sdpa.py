@@ -19,7 +19,7 @@ def sdpa_plan(node) -> Plan:
     scale = constant(args["scale"]) if args["scale"] is not None else tensor_of(q).shape[-1] ** -0.5
     if scale is None:
         raise Refuse("SDPA with a non-constant scale")
-    plan.scale = float(scale)
+    plan.update(scale=float(scale), empty_rows="zero")  # SDPA: a query that sees no key gives 0
     mask = args["attn_mask"]
     if mask is not None:
         t = tensor_of(mask)
@@ -32,13 +32,13 @@ def sdpa_plan(node) -> Plan:
     dropout_p = constant(args["dropout_p"])
     if dropout_p is None:
         raise Refuse("SDPA with a non-constant dropout_p")
-    plan.dropout_p = dropout_p
+    plan.update(dropout_p=dropout_p)
     causal = args["is_causal"]
     if causal is True:
         nq, nk = tensor_of(q).shape[-2], tensor_of(k).shape[-2]
         if not layout.known_equal(nq, nk):
             raise Refuse("SDPA is_causal with Nq != Nk (top-left aligned, the op aligns bottom-right)")
-        plan.causal = True
+        plan.update(causal=True)
     elif causal is not False:
         raise Refuse("SDPA with a non-constant is_causal")
     if args["enable_gqa"] is True:
@@ -46,5 +46,4 @@ def sdpa_plan(node) -> Plan:
         if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
             raise Refuse(f"SDPA enable_gqa with {hq} query heads and {hk} key heads")
         plan.k.group = plan.v.group = hq // hk
-    plan.zero_empty_rows = True
     return plan

@@ -101,7 +101,7 @@ def assert_equivalent(fn_or_module, *inputs, expected_sites=None, grad=True, opt
         if err >= GRADIENT[dtype]:
             problems.append(f"gradients: relative error {err:.2e} >= {GRADIENT[dtype]:.0e} ({dtype})")
     if problems:
-        specs = "\n".join(f"  {s.node}: rewritten={s.rewritten} spec={s.spec} reason={s.reason}" for s in sites)
+        specs = "\n".join(f"  {s.node}: rewritten={s.rewritten} spec={s.describe()} reason={s.reason}" for s in sites)
         raise AssertionError("; ".join(problems) + f"\nsites:\n{specs or '  none'}\nprogram:\n"
                              + _describe(fn_or_module, source))
     return sites

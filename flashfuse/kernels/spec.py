@@ -1,0 +1,137 @@
+"""`AttentionSpec`: everything about one attention site that is not a tensor, from the matcher to the kernels.
+
+For q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) with Hq % Hkv == 0 (query head h reads key/value
+head h // (Hq / Hkv)), the op computes
+
+    s = scale * q @ k^T                            (fp32)
+    s = softcap * tanh(s / softcap)                (softcap > 0)
+    s = s + bias                                   (a float tensor broadcast to (B, Hq, Nq, Nk))
+    s = where(mask, s, mask_value)                 (a bool tensor broadcast likewise; True keeps the key)
+    s = -inf where key j is not visible to query i (causal, window: `key_bounds`)
+    p = softmax(s, -1); p = dropout(p, dropout_p)
+    out = p @ v                                    (in q's dtype)
+
+A query that sees no key (every s is -inf) gives NaN as the formula does, or 0 with empty_rows="zero"
+(SDPA's rule). What the tensors already say stays out of the spec: sizes, the GQA group Hq / Hkv, dtypes
+(dynamic shapes make sizes symbolic; the output takes q's dtype), and whether a bias or mask is given.
+
+The op's schema carries a spec as one string (`encode` / `decode`), so a new scalar feature is a new field
+here, read where the kernels and the CPU path use it; nothing in between restates it.
+"""
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+EMPTY_ROWS = ("nan", "zero")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What an attention site computes besides its tensors (the formula is in this module's docstring).
+
+    Example::
+
+        >>> spec = AttentionSpec(scale=0.125, causal=True)
+        >>> spec.encode()
+        'scale=0.125,causal=True'
+        >>> AttentionSpec.decode(spec.encode()) == spec
+        True
+    """
+    scale: float = 1.0
+    softcap: float = 0.0  # 0: none
+    causal: bool = False  # hide key j > i + Nk - Nq (aligned at the bottom right)
+    window: tuple = (-1, -1)  # (left, right) keys visible around the aligned diagonal; -1 unbounded
+    dropout_p: float = 0.0
+    mask_value: float = float("-inf")  # what the mask tensor fills hidden scores with
+    empty_rows: str = "nan"  # a query that sees no key: "nan" (the formula) or "zero"
+
+    def __post_init__(self):
+        _check_real("scale", self.scale)
+        _check_real("softcap", self.softcap)
+        if self.softcap < 0:
+            raise ValueError(f"softcap must be positive (0 for none), got {self.softcap}")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be a bool, got {type(self.causal).__name__}")
+        window = self.window
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+            raise ValueError(f"window must be (left, right) with ints >= -1 (-1 is unbounded), got {window!r}")
+        object.__setattr__(self, "window", (int(window[0]), int(window[1])))
+        _check_real("dropout_p", self.dropout_p)
+        if not 0.0 <= self.dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got {self.dropout_p}")
+        if not isinstance(self.mask_value, (int, float)) or math.isnan(self.mask_value) or self.mask_value == math.inf:
+            raise ValueError(f"mask_value must be a number below +inf, got {self.mask_value!r}")
+        if self.empty_rows not in EMPTY_ROWS:
+            raise ValueError(f"empty_rows must be one of {EMPTY_ROWS}, got {self.empty_rows!r}")
+        for name in ("scale", "softcap", "dropout_p", "mask_value"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    def key_bounds(self):
+        """(left, right): query i sees keys j with i + shift - left <= j <= i + shift + right, shift = Nk - Nq;
+        -1 leaves a side unbounded. Causal caps right at 0. The kernels take these as constexprs and
+        `reference.visible` builds its mask from them: the one statement of the visibility rule."""
+        left, right = self.window
+        if self.causal:
+            right = 0 if right < 0 else min(right, 0)
+        return left, right
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def encode(self):
+        """The op schema's form: the fields that differ from their defaults, as `name=value` joined by commas."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != f.default:
+                parts.append(f"{f.name}={value[0]}:{value[1]}" if f.name == "window" else f"{f.name}={value!r}")
+        return ",".join(parts).replace("'", "")
+
+    @staticmethod
+    def decode(text):
+        """The spec `encode` wrote (cached: the op decodes the same few strings on every call)."""
+        return _decode(text)
+
+    def describe(self):
+        """Short text for reports: scale always, then what is not the default."""
+        shown = [f"scale={round(self.scale, 6)}"]
+        if self.causal:
+            shown.append("causal")
+        if self.window != (-1, -1):
+            shown.append(f"window={self.window}")
+        if self.softcap:
+            shown.append(f"softcap={self.softcap}")
+        if self.dropout_p:
+            shown.append(f"dropout_p={self.dropout_p}")
+        if self.empty_rows != "nan":
+            shown.append(f"empty_rows={self.empty_rows}")
+        return " ".join(shown)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(AttentionSpec)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode(text):
+    values = {}
+    for part in filter(None, text.split(",")):
+        name, _, raw = part.partition("=")
+        if name not in _FIELDS:
+            raise ValueError(f"unknown AttentionSpec field {name!r} in {text!r}")
+        if name == "window":
+            left, right = raw.split(":")
+            values[name] = (int(left), int(right))
+        elif name == "causal":
+            values[name] = raw == "True"
+        elif name == "empty_rows":
+            values[name] = raw
+        else:
+            values[name] = float(raw)
+    return AttentionSpec(**values)
+
+
+def _check_real(name, x):
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite real number, got {x!r}")
