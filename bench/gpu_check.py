@@ -1,7 +1,6 @@
 """GPU check of the flash kernels: correctness at realistic sizes, then timing against SDPA's backends.
 
     python bench/gpu_check.py                 # correctness + timing table (fixed configs)
-    python bench/gpu_check.py --autotune      # the same with Triton's autotuner on the timed shapes
     python bench/gpu_check.py --no-bench      # correctness only
     compute-sanitizer --tool memcheck python bench/gpu_check.py --sanitize   # tiny ragged shapes only
 
@@ -9,23 +8,22 @@
 operand reads compute-sanitizer misreports as out of bounds on Hopper (NVIDIA/compute-sanitizer-samples#19);
 the global-memory addressing under test does not depend on the dtype.
 
-Correctness compares out, logsumexp and every gradient with the float64 oracle (reference._scores,
-softmax, autograd) by ||x - ref|| / ||ref|| under flashfuse.tolerances. Timing: median of
-triton.testing.do_bench; FLOPs fwd = 4 * B * H * Nq * Nk * D (x0.5 causal), bwd = 2.5 x fwd.
+Correctness compares out, logsumexp and every gradient with the float64 oracle
+(flashfuse.kernels.reference.oracle_gradients) by ||x - ref|| / ||ref|| under flashfuse.tolerances.
+Timing: median of triton.testing.do_bench; FLOPs fwd = 4 * B * H * Nq * Nk * D (x0.5 causal), bwd = 2.5 x fwd.
 """
 import argparse
 import os
 import sys
 
 ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-ARGS.add_argument("--autotune", action="store_true", help="autotune the timed shapes (slow: compiles every config)")
 ARGS.add_argument("--no-bench", action="store_true", help="correctness only")
-ARGS.add_argument("--sanitize", action="store_true", help="tiny ragged shapes, correctness only (for compute-sanitizer)")
+ARGS.add_argument("--sanitize", action="store_true",
+                  help="tiny ragged shapes, correctness only (for compute-sanitizer)")
 ARGS.add_argument("--only", default="", help="run only cases whose name contains this")
 ARGS.add_argument("--bench-only", action="store_true", help="timing only")
 ARGS.add_argument("--shapes", default="all", help="timing shapes: all, or main (4k d128 and 1k d64)")
 OPTS = ARGS.parse_args()
-os.environ["FLASHFUSE_AUTOTUNE"] = "1" if OPTS.autotune else "0"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
@@ -33,25 +31,12 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from flashfuse.kernels import flash, reference  # noqa: E402
+from flashfuse.kernels import flash  # noqa: E402
+from flashfuse.kernels.reference import oracle_gradients  # noqa: E402
+from flashfuse.kernels.spec import AttentionSpec  # noqa: E402
 from flashfuse.tolerances import FORWARD, GRADIENT, TF32, relative_error  # noqa: E402
 
 DEV = "cuda"
-
-
-def _oracle(q, k, v, bias, mask, keep, p, flags):
-    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
-    bias = None if bias is None else bias.detach().double().requires_grad_()
-    s = reference._scores(q, k, bias, mask, flags["scale"], flags["softcap"], flags["mask_value"], flags["causal"],
-                          flags["window_left"], flags["window_right"], 0, k.shape[2])
-    dead = torch.isneginf(s).all(-1, keepdim=True)
-    lse = torch.logsumexp(s, -1)
-    prob = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
-    del s
-    if keep is not None:
-        prob = prob * keep / (1.0 - p)
-    out = prob @ reference._expand_kv(v, q.shape[1])
-    return out.masked_fill(dead, float("nan")), lse, (q, k, v, bias)
 
 
 def _err(a, b):
@@ -72,27 +57,25 @@ def check(name, b, hq, hkv, nq, nk, d, dv=None, dtype=torch.bfloat16, causal=Fal
     bias_t = None if bias is None else torch.randn(bias, device=DEV, dtype=dtype)
     mask_t = None if mask is None else torch.rand(mask, device=DEV) > 0.2
     seed = torch.tensor([42], dtype=torch.int64, device=DEV) if dropout_p else None
-    flags = dict(scale=d ** -0.5, softcap=softcap, mask_value=mask_value, causal=causal, window_left=window[0],
-                 window_right=window[1], dropout_p=dropout_p)
-    out, stats = flash.forward(q, k, v, bias_t, mask_t, seed=seed, **flags)
+    spec = AttentionSpec(scale=d ** -0.5, softcap=softcap, mask_value=mask_value, causal=causal, window=window,
+                         dropout_p=dropout_p)
+    out, stats = flash.forward(q, k, v, bias_t, mask_t, seed, spec)
     dout = torch.randn_like(out)
-    grads = flash.backward(dout, q, k, v, bias_t, mask_t, out, stats, seed=seed, bias_grad=bias_t is not None,
-                           **flags)
+    grads = flash.backward(dout, q, k, v, bias_t, mask_t, seed, out, stats, spec, bias_t is not None)
     torch.cuda.synchronize()
     keep = flash.dropout_keep_mask(seed, (b, hq, nq, nk), dropout_p, DEV) if dropout_p else None
-    ref_out, ref_lse, leaves = _oracle(q, k, v, bias_t, mask_t, keep, dropout_p, flags)
-    ref_out.backward(torch.nan_to_num(dout.double()))
+    ref_out, ref_lse, *ref_grads = oracle_gradients(dout, q, k, v, spec, bias_t, mask_t, keep)
     errs = {"out": _err(out, ref_out), "lse": _err(stats[0].double() + stats[1].double(), ref_lse)}
-    for n, g, leaf in zip(("dq", "dk", "dv", "dbias"), grads, leaves):
-        if leaf is not None and leaf.grad is not None and g is not None:
-            errs[n] = relative_error(g, leaf.grad) if torch.isfinite(g).all() else float("inf")
+    for n, g, want in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
+        if want is not None and g is not None:
+            errs[n] = relative_error(g, want) if torch.isfinite(g).all() else float("inf")
     if dtype == torch.float32 and tf32:
         tol_f, tol_g = TF32["forward"], TF32["gradient"]
     else:
         tol_f, tol_g = FORWARD[dtype], GRADIENT[dtype]
     ok = all(e < (tol_f if n in ("out", "lse") else tol_g) for n, e in errs.items())
     print(f"{'ok ' if ok else 'BAD'} {name:<34} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
-    del ref_out, leaves
+    del ref_out, ref_grads
     torch.cuda.empty_cache()
     return ok
 
@@ -150,13 +133,12 @@ def bench_shape(b, h, hkv, n, d, causal, dtype=torch.bfloat16):
     k = torch.randn(b, hkv, n, d, device=DEV, dtype=dtype, requires_grad=True)
     v = torch.randn(b, hkv, n, d, device=DEV, dtype=dtype, requires_grad=True)
     flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
-    flags = dict(scale=d ** -0.5, softcap=0.0, mask_value=float("-inf"), causal=causal, window_left=-1,
-                 window_right=-1, dropout_p=0.0)
+    spec = AttentionSpec(scale=d ** -0.5, causal=causal)
     rows = []
-    out, stats = flash.forward(q, k, v, None, None, seed=None, **flags)
+    out, stats = flash.forward(q, k, v, None, None, None, spec)
     dout = torch.randn_like(out)
-    fwd = _time(lambda: flash.forward(q, k, v, None, None, seed=None, **flags))
-    bwd = _time(lambda: flash.backward(dout, q, k, v, None, None, out, stats, seed=None, bias_grad=False, **flags))
+    fwd = _time(lambda: flash.forward(q, k, v, None, None, None, spec))
+    bwd = _time(lambda: flash.backward(dout, q, k, v, None, None, None, out, stats, spec, False))
     rows.append(("flashfuse", fwd, bwd))
     for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
@@ -164,7 +146,7 @@ def bench_shape(b, h, hkv, n, d, causal, dtype=torch.bfloat16):
         try:
             o = run()
             f = _time(run)
-            fb = _time(lambda: torch.autograd.grad(run(), (q, k, v), dout))
+            fb = _time(lambda run=run: torch.autograd.grad(run(), (q, k, v), dout))
             rows.append((name, f, fb - f))
             del o
         except RuntimeError as e:
@@ -186,9 +168,8 @@ def bench_decode(b, h, hkv, nk, d, dtype=torch.bfloat16):
     k = torch.randn(b, hkv, nk, d, device=DEV, dtype=dtype)
     v = torch.randn(b, hkv, nk, d, device=DEV, dtype=dtype)
     nbytes = 2 * k.numel() * k.element_size()
-    flags = dict(scale=d ** -0.5, softcap=0.0, mask_value=float("-inf"), causal=False, window_left=-1,
-                 window_right=-1, dropout_p=0.0)
-    ours = lambda: flash.forward(q, k, v, None, None, seed=None, **flags)  # noqa: E731
+    spec = AttentionSpec(scale=d ** -0.5)
+    ours = lambda: flash.forward(q, k, v, None, None, None, spec)  # noqa: E731
     rows = [("flashfuse", ours)]
     for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
         rows.append((name, _sdpa(backend, q, k, v, False, True)))
@@ -203,8 +184,8 @@ def bench_decode(b, h, hkv, nk, d, dtype=torch.bfloat16):
 
 
 def main():
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"autotune {os.environ['FLASHFUSE_AUTOTUNE']}", flush=True)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}",
+          flush=True)
     cases = [] if OPTS.bench_only else SANITIZE if OPTS.sanitize else CASES
     bad = 0
     for name, kw in cases:

@@ -8,5 +8,4 @@ mkdir -p "$log"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TRITON_INTERPRET=0 FLASHFUSE_TEST_DEVICE=cuda PYTHONUNBUFFERED=1
 python -m pytest tests/test_models.py tests/test_more_models.py -q -p no:cacheprovider 2>&1 | tee "$log/models.log"
 python -m flashfuse demo 2>&1 | tee "$log/demo.log"
-python bench/bench_models.py --models gpt2-124M llama-gqa-0.5B 2>&1 | tee "$log/models_bench.log"
-python bench/bench_models.py --models gpt2-124M llama-gqa-0.5B --padding-mask 2>&1 | tee "$log/models_bench_mask.log"
+python bench/models.py --models gpt2-124M llama-gqa-0.5B 2>&1 | tee "$log/models_bench.log"

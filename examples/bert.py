@@ -1,8 +1,7 @@
 """BERT with a padding mask from its config, compiled with flashfuse."""
 import torch
-from transformers import BertConfig, BertModel
-
 from common import device, run
+from transformers import BertConfig, BertModel
 
 cfg = BertConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=512,
                  attn_implementation="eager")

@@ -1,8 +1,7 @@
 """GPT-2 (causal, left padding) from its config, compiled with flashfuse."""
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
-
 from common import device, run
+from transformers import GPT2Config, GPT2LMHeadModel
 
 cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, attn_implementation="eager")
 model = GPT2LMHeadModel(cfg).to(device())

@@ -1,8 +1,7 @@
 """Llama with grouped-query attention (8 query heads, 2 KV heads) from its config, compiled with flashfuse."""
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from common import device, run
+from transformers import LlamaConfig, LlamaForCausalLM
 
 cfg = LlamaConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
                   intermediate_size=512, vocab_size=1000, attn_implementation="eager")

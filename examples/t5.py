@@ -1,8 +1,7 @@
 """T5 (no scaling, learned relative position bias, encoder and decoder) from its config, compiled with flashfuse."""
 import torch
-from transformers import T5Config, T5Model
-
 from common import device, run
+from transformers import T5Config, T5Model
 
 cfg = T5Config(num_layers=3, num_decoder_layers=3, d_model=256, d_kv=64, num_heads=4, d_ff=512,
                attn_implementation="eager")

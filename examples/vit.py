@@ -1,9 +1,8 @@
 """Vision Transformers: Hugging Face ViT and timm's ViT (fused_attn off), compiled with flashfuse."""
 import timm
 import torch
-from transformers import ViTConfig, ViTModel
-
 from common import device, run
+from transformers import ViTConfig, ViTModel
 
 pixels = torch.randn(4, 3, 224, 224, device=device())
 cfg = ViTConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=512,

@@ -3,7 +3,8 @@
     model = torch.compile(model, backend="flashfuse")
     print(flashfuse.explain(model, *inputs))
 """
-from flashfuse.backend import flashfuse_backend, register as _register
+from flashfuse.backend import flashfuse_backend
+from flashfuse.backend import register as _register
 from flashfuse.explain import Report, explain
 from flashfuse.kernels import attention
 

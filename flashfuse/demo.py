@@ -7,9 +7,11 @@ on CUDA). CPU by default, CUDA when present.
 """
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -17,22 +19,13 @@ import torch
 VARIANTS = ("eager", "flashfuse")
 
 
-def config(device):
-    from transformers import GPT2Config
-    if device == "cuda":  # GPT-2 small (124M), batch 8 x 1024
-        return GPT2Config(attn_implementation="eager"), 8, 1024, torch.bfloat16
-    return GPT2Config(n_layer=4, n_embd=256, n_head=4, attn_implementation="eager"), 2, 512, torch.float32
-
-
 def build(device):
-    from transformers import GPT2Model
-    cfg, batch, seq, dtype = config(device)
-    torch.manual_seed(0)
-    model = GPT2Model(cfg).to(device=device, dtype=dtype).eval()
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
-    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-    mask[0, : seq // 4] = 0  # the first sequence is left-padded
-    return model, {"input_ids": ids, "attention_mask": mask}, dtype
+    """GPT-2 small (124M), batch 8 x 1024, bf16 on CUDA; a 4-layer GPT-2, batch 2 x 512, fp32 on the CPU.
+    The first sequence is left-padded."""
+    from flashfuse.testing.models import build as build_model
+    name, dtype = ("gpt2-124M", torch.bfloat16) if device == "cuda" else ("gpt2-4L-256", torch.float32)
+    model, inputs = build_model(name, device=device, dtype=dtype, padding=True)
+    return model, inputs, dtype
 
 
 def _rss_mib():
@@ -88,12 +81,13 @@ def main(argv=None):
         print(flashfuse.explain(model, **inputs), "\n")
 
     results = {}
-    for variant in VARIANTS:
-        path = f"/tmp/flashfuse-demo-{variant}.pt"
-        cmd = [sys.executable, "-m", "flashfuse", "demo", "--child", variant, "--device", args.device,
-               "--repeats", str(args.repeats), "--out", path]
-        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        results[variant] = json.loads(line) | {"out": torch.load(path)}
+    with tempfile.TemporaryDirectory(prefix="flashfuse-demo-") as folder:  # private to this run
+        for variant in VARIANTS:
+            path = os.path.join(folder, f"{variant}.pt")
+            cmd = [sys.executable, "-m", "flashfuse", "demo", "--child", variant, "--device", args.device,
+                   "--repeats", str(args.repeats), "--out", path]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            results[variant] = json.loads(line) | {"out": torch.load(path, weights_only=True)}
     err = relative_error(results["flashfuse"]["out"], results["eager"]["out"])
     ok = err < FORWARD[dtype]
     print(f"output vs eager: relative error {err:.2e} ({'OK' if ok else 'MISMATCH'}, tolerance {FORWARD[dtype]:.0e})")

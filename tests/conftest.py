@@ -12,3 +12,6 @@ except ImportError:
     pass
 else:
     load_profile()
+
+# the flashfuse_fuzz fixture (tests/test_fuzz.py), as a user's conftest would load it
+pytest_plugins = ("flashfuse.testing.pytest_plugin",)

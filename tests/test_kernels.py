@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flashfuse.kernels import cpu, flash
-from flashfuse.kernels.reference import oracle, oracle_gradients
+from flashfuse.kernels.reference import oracle_gradients
 from flashfuse.kernels.spec import AttentionSpec
 from flashfuse.tolerances import FORWARD, GRADIENT, assert_close, relative_error
 

@@ -1,4 +1,5 @@
-"""Flash-attention backward: delta preprocess, a dK/dV kernel, and the launcher of both and of dQ (flash_bwd_dq.py).
+"""Flash-attention backward: the dK/dV kernel, and the launcher of dQ (flash_bwd_dq.py, which also writes
+delta = rowsum(dO * O)) and then dK/dV: two launches.
 
 No atomics on dQ/dK/dV. P is recomputed from the forward's row stats (max, log-sum). dK/dV programs own
 BLOCK_N keys of one KV head and loop over the q heads of its group (GQA reduced in registers) and their
@@ -11,27 +12,18 @@ import triton.language as tl
 
 from flashfuse.kernels import configs
 from flashfuse.kernels.flash_bwd_dq import _dq_kernel
-from flashfuse.kernels.flash_common import (_band, _dot, _dropout_keep, _recompute_p, _row_stats, _score_tile, _stage,
-                                           broadcast_strides, constexprs)
+from flashfuse.kernels.flash_common import (
+    _band,
+    _dot,
+    _dropout_keep,
+    _recompute_p,
+    _row_stats,
+    _score_tile,
+    _stage,
+    broadcast_strides,
+    constexprs,
+)
 from flashfuse.kernels.flash_fwd import head_pad
-
-
-@triton.jit
-def _bwd_preprocess(Out, dO, Stats, Delta, sdb, sdh, sdm, n_heads, n_queries, DV: tl.constexpr,
-                    HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr):
-    # delta = rowsum(dO * O): (B, Hq, Nq); 0 on rows that saw no key (their O is NaN); O is contiguous
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, HEAD_DV)
-    valid = (i[:, None] < n_queries) & (d[None, :] < DV)
-    row = pid_bh.to(tl.int64) * n_queries + i
-    o = tl.load(Out + row[:, None] * DV + d[None, :], mask=valid, other=0.0)
-    do = tl.load(dO + b * sdb + h * sdh + i[:, None] * sdm + d[None, :], mask=valid, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row_max = tl.load(Stats + row, mask=i < n_queries, other=0.0)
-    tl.store(Delta + row, tl.where(row_max == float("-inf"), 0.0, delta), mask=i < n_queries)
 
 
 @triton.jit
@@ -164,7 +156,7 @@ def _dkdv_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, DBias, dK, dV,
 
 
 def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch):
-    """Launch preprocess, dK/dV and dQ. mask is uint8; stats (2, B, Hq, Nq) as the forward wrote them.
+    """Launch dQ (which writes delta), then dK/dV. mask is uint8; stats (2, B, Hq, Nq) as the forward wrote them.
     Returns dq, dk, dv, dbias (or None)."""
     b, hq, nq, d = q.shape
     hkv, nk, dv_ = k.shape[1], k.shape[2], v.shape[-1]
@@ -173,9 +165,6 @@ def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launc
     stats = stats.float().contiguous()
     out = out.contiguous()
     delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=q.device)
-    pre_block = 32 if configs.INTERPRET else 64
-    launch(_bwd_preprocess, (triton.cdiv(nq, pre_block), b * hq))(
-        out, dout, stats, delta, *dout.stride()[:3], hq, nq, DV=dv_, HEAD_DV=head_dv, BLOCK_M=pre_block)
     dq = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, hkv, nk, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, hkv, nk, dv_), dtype=v.dtype, device=v.device)
@@ -187,19 +176,19 @@ def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launc
         db_atomic = db_q1 or db_k1 or (bias.shape[0] == 1 and b > 1) or (bias.shape[1] == 1 and hq > 1)
         dbias = torch.zeros(bias.shape, dtype=torch.float32 if db_atomic else bias.dtype, device=q.device)
     else:
-        dbias = stats  # a stand-in: never touched without BIAS_GRAD
+        dbias = delta  # a stand-in (never touched without BIAS_GRAD) that is no input of the op
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *broadcast_strides(bias),
                *broadcast_strides(mask))
     tensors = (q, k, v, dout, stats, delta, q if bias is None else bias, q if mask is None else mask,
                q if seed is None else seed)
     flags = dict(constexprs(spec, bias, mask, q.dtype), D=d, DV=dv_, HEAD_D=head_d, HEAD_DV=head_dv)
+    cfg = configs.default("dq", head)
+    launch(_dq_kernel, (triton.cdiv(nq, cfg["BLOCK_M"]), b * hq))(*tensors, dq, out, *strides, hq, hq // hkv, nq, nk,
+                                                                  **flags, **cfg)
     cfg = configs.default("dkdv", head)
     launch(_dkdv_kernel, (triton.cdiv(nk, cfg["BLOCK_N"]), b * hkv))(
         *tensors, dbias, dk, dv, *strides, *broadcast_strides(dbias if bias_grad else None), hq, hq // hkv, nq, nk,
         **flags, **cfg, BIAS_GRAD=bias_grad, DB_Q1=db_q1, DB_K1=db_k1, DB_ATOMIC=db_atomic)
-    cfg = configs.default("dq", head)
-    launch(_dq_kernel, (triton.cdiv(nq, cfg["BLOCK_M"]), b * hq))(*tensors, dq, *strides, hq, hq // hkv, nq, nk,
-                                                                  **flags, **cfg)
     if not bias_grad:
         return dq, dk, dv, None
     return dq, dk, dv, dbias.to(bias.dtype)

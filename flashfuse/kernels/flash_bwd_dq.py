@@ -1,6 +1,7 @@
 """Flash-attention backward, dQ: programs own BLOCK_M queries and loop over their visible keys, like the forward.
 
-Launched by flash_bwd.backward after the delta preprocess; P is recomputed from the forward's row stats.
+Launched first by flash_bwd.backward: each program also computes delta = rowsum(dO * O) of its rows, which it
+needs first and stores for the dK/dV kernel. P is recomputed from the forward's row stats.
 """
 import triton
 import triton.language as tl
@@ -47,7 +48,7 @@ def _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, hi, K, V, skn, svn
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ,
+def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
                n_heads, group, n_queries, n_keys,
                SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASK_VALUE: tl.constexpr, LEFT: tl.constexpr,
@@ -74,7 +75,11 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ,
                  mask=(i[:, None] < n_queries) & (offs_dv[None, :] < DV), other=0.0)
     row = (b * n_heads + h) * n_queries + i
     row_max, log_sum = _row_stats(Stats, row, n_stats, i < n_queries, True)
-    delta = tl.load(Delta + row, mask=i < n_queries, other=0.0)
+    # delta = rowsum(dO * O), O contiguous; 0 on rows that saw no key (row_max +inf here; their O is NaN or 0)
+    o = tl.load(Out + row[:, None] * DV + offs_dv[None, :], mask=(i[:, None] < n_queries) & (offs_dv[None, :] < DV),
+                other=0.0)
+    delta = tl.where(row_max == float("inf"), 0.0, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1))
+    tl.store(Delta + row, delta, mask=i < n_queries)
     ic = tl.minimum(i, n_queries - 1)
     bias_rows = Bias + b * sbb + h * sbh + ic * sbm
     mask_rows = Mask + b * smb + h * smh + ic * smm

@@ -9,8 +9,17 @@ import triton
 import triton.language as tl
 
 from flashfuse.kernels import configs
-from flashfuse.kernels.flash_common import (LOG2E, _band, _dot, _dropout_keep, _raw, _score_tile, _stage,
-                                           broadcast_strides, constexprs)
+from flashfuse.kernels.flash_common import (
+    LOG2E,
+    _band,
+    _dot,
+    _dropout_keep,
+    _raw,
+    _score_tile,
+    _stage,
+    broadcast_strides,
+    constexprs,
+)
 
 
 @triton.jit

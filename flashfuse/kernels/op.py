@@ -5,28 +5,43 @@
 
 bias, mask and seed are optional tensors (seed: int64 (1,), drawn by `new_seed`, when spec.dropout_p > 0);
 stats (2, B, Hq, Nq) holds each row's max score and log-sum (cpu.py says why both). dbias is empty unless
-bias_grad.
+bias_grad. `fwd` has autograd, so graphs that call it train.
 
-Both have fake implementations (FakeTensor, symbolic shapes, inductor) and `fwd` has autograd, so graphs
-that call them train. Implementations: the Triton kernels for CUDA tensors (and for CPU tensors when
-TRITON_INTERPRET=1), the CPU path otherwise. `attention` in api.py is the public, validated entry point.
+Both are `torch.library.triton_op`s: on CUDA tensors torch.compile sees the Triton kernel launches inside them
+and inductor launches the kernels from its own generated code (no Python dispatch per call; CUDA graphs
+capture them). Everything else goes through the opaque ops `flashfuse::opaque_fwd` / `opaque_bwd`, which
+torch.compile calls as they are: the CPU path (cpu.py), float64, and the Triton kernels under
+TRITON_INTERPRET=1 on CPU tensors. FLASHFUSE_OPAQUE=1 sends CUDA tensors there too (the op as one black box,
+for comparisons). `attention` in api.py is the public, validated entry point.
 """
 import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 from flashfuse.kernels import cpu
 from flashfuse.kernels.spec import AttentionSpec
 
-#: How many times the op has run, by implementation; tests count rewritten sites with it.
+#: How many times the op's Python implementation ran, by path. Eager calls and opaque ops count per call;
+#: a compiled CUDA graph runs the kernels from inductor's code, so it counts once, when it is traced.
 CALLS = {"triton": 0, "cpu": 0}
+OPAQUE = os.environ.get("FLASHFUSE_OPAQUE") == "1"
 
 
 def uses_triton(t: Tensor) -> bool:
     """CUDA tensors take the Triton kernels; CPU tensors do too under Triton's interpreter."""
     return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _traceable(kernel, grid):
+    return wrap_triton(kernel)[grid]
+
+
+def _visible_kernels(q):
+    """True when torch.compile should see the kernel launches: CUDA, not float64, not FLASHFUSE_OPAQUE."""
+    return q.is_cuda and q.dtype != torch.float64 and not OPAQUE
 
 
 def _implementation(t: Tensor):
@@ -36,25 +51,47 @@ def _implementation(t: Tensor):
     return "cpu", cpu
 
 
-@torch.library.custom_op("flashfuse::fwd", mutates_args=())
+@triton_op("flashfuse::fwd", mutates_args=())
 def fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], seed: Optional[Tensor],
         spec: str) -> tuple[Tensor, Tensor]:
+    if not _visible_kernels(q):
+        return torch.ops.flashfuse.opaque_fwd(q, k, v, bias, mask, seed, spec)
+    from flashfuse.kernels import flash
+    CALLS["triton"] += 1
+    return flash.forward(q, k, v, bias, mask, seed, AttentionSpec.decode(spec), launch=_traceable)
+
+
+@triton_op("flashfuse::bwd", mutates_args=())
+def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+        seed: Optional[Tensor], out: Tensor, stats: Tensor, spec: str,
+        bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if not _visible_kernels(q):
+        return torch.ops.flashfuse.opaque_bwd(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad)
+    from flashfuse.kernels import flash
+    dq, dk, dv, dbias = flash.backward(dout, q, k, v, bias, mask, seed, out, stats, AttentionSpec.decode(spec),
+                                       bias_grad, launch=_traceable)
+    return dq, dk, dv, (q.new_empty(0) if dbias is None else dbias)
+
+
+@torch.library.custom_op("flashfuse::opaque_fwd", mutates_args=())
+def opaque_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+               seed: Optional[Tensor], spec: str) -> tuple[Tensor, Tensor]:
     name, impl = _implementation(q)
     CALLS[name] += 1
     out, stats = impl.forward(q, k, v, bias, mask, seed, AttentionSpec.decode(spec))
     return out.contiguous(), stats.contiguous()
 
 
-@fwd.register_fake
+@opaque_fwd.register_fake
 def _(q, k, v, bias, mask, seed, spec):
     b, h, n, _ = q.shape
     return q.new_empty((b, h, n, v.shape[-1])), q.new_empty((2, b, h, n), dtype=cpu.stats_dtype(q.dtype))
 
 
-@torch.library.custom_op("flashfuse::bwd", mutates_args=())
-def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-        seed: Optional[Tensor], out: Tensor, stats: Tensor, spec: str,
-        bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@torch.library.custom_op("flashfuse::opaque_bwd", mutates_args=())
+def opaque_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+               seed: Optional[Tensor], out: Tensor, stats: Tensor, spec: str,
+               bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, impl = _implementation(q)
     dq, dk, dv, dbias = impl.backward(dout, q, k, v, bias, mask, seed, out, stats, AttentionSpec.decode(spec),
                                       bias_grad)
@@ -62,7 +99,7 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], m
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
 
 
-@bwd.register_fake
+@opaque_bwd.register_fake
 def _(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad):
     dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias_grad else q.new_empty(0)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),

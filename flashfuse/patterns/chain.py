@@ -71,7 +71,7 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
             if not runtime_scalar(other):
                 raise Refuse(f"scores multiplied by a tensor of shape {tuple(tensor_of(other).shape)}"
                              if tensor_of(other) is not None else "scores multiplied by an unknown value")
-            if plan.bias or plan.hide or plan.spec.softcap:
+            if plan.bias or plan.masks or plan.spec.softcap:
                 raise Refuse("a tensor scale applied after a bias, mask or softcap")
             plan.scale_tensors.append((other, kind))
             return
@@ -80,15 +80,15 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
             raise Refuse(f"scale {c} is not a finite nonzero number")
         if state.get("capped"):
             raise Refuse("a scale applied after the softcap")
-        if plan.hide and c < 0:
+        if plan.masks and c < 0:
             raise Refuse("a negative scale after a mask")
         plan.update(scale=plan.spec.scale * c)
         plan.bias = [(b, w * c, shape) for b, w, shape in plan.bias]
-        if plan.hide:
+        if plan.masks:
             plan.update(mask_value=_rounded(plan.spec.mask_value * c, node))
         return
     if kind == "tanh":
-        if plan.bias or plan.hide or state.get("capped"):
+        if plan.bias or plan.masks or state.get("capped"):
             raise Refuse("tanh after a bias or mask (a softcap comes first)")
         state["tanh"] = True
         return
@@ -105,27 +105,27 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
         t = tensor_of(other)
         if t is None or not t.is_floating_point():
             raise Refuse("scores added to a non-float value")
-        if plan.hide and math.isfinite(plan.spec.mask_value):
+        if plan.masks and math.isfinite(plan.spec.mask_value):
             raise Refuse("a bias added after a finite mask fill")
         plan.bias.append((other, sign, shape_of(prev)))
         return
     if kind in ("masked_fill", "where"):
         if kind == "masked_fill":
-            hide, fill, negate = args["mask"], args["value"], False
+            mask, fill, keeps = args["mask"], args["value"], False  # True in the mask hides the key
         elif args["a"] is prev:
-            hide, fill, negate = args["cond"], args["b"], True
+            mask, fill, keeps = args["cond"], args["b"], True  # where(mask, scores, fill): True keeps it
         else:
-            hide, fill, negate = args["cond"], args["a"], False
+            mask, fill, keeps = args["cond"], args["a"], False
         value = constant(fill)
         if value is None or not (value <= LARGE_NEGATIVE):
             raise Refuse(f"masked_fill/where with value {fill} is not a mask (needs -inf or a large negative)")
         value = _rounded(value, node)  # -1e4 is -9984 in bf16
-        t = tensor_of(hide)
+        t = tensor_of(mask)
         if t is None or t.dtype != torch.bool:
             raise Refuse("a mask that is not a bool tensor")
-        if plan.hide and value != plan.spec.mask_value:
+        if plan.masks and value != plan.spec.mask_value:
             raise Refuse("two masks with different fill values")
-        plan.hide.append((hide, negate, shape_of(prev)))
+        plan.masks.append((mask, keeps, shape_of(prev)))
         plan.update(mask_value=value)
         return
     raise Refuse(f"unsupported op {node.name} between the product and the softmax")

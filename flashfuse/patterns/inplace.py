@@ -5,20 +5,16 @@ arithmetic (not an input, not a view), and none of its uses can alias it. Later 
 mutated tensor then read the new node. Elsewhere the graph is left as it was, and the matcher's
 single-use check refuses the site.
 """
-import operator
-
+from flashfuse.patterns import ops
 from flashfuse.patterns.ops import classify
 
+#: op kinds (ops.classify) whose result is a fresh tensor
 _FRESH = {"matmul", "baddbmm", "einsum", "mul", "div", "add", "sub", "masked_fill", "where", "softmax", "tanh"}
-_OUT_OF_PLACE = {operator.imul: operator.mul, operator.itruediv: operator.truediv, operator.iadd: operator.add,
-                 operator.isub: operator.sub}
-_METADATA_ONLY = {"type_as", "expand_as", "view_as", "reshape_as", "size", "dim", "new_zeros", "new_ones",
-                  "new_empty", "new_full", "new_tensor"}
 
 
 def metadata_only_use(user, node):
     """True if `user` reads only node's shape or dtype (e.g. x.type_as(node), m.expand_as(node))."""
-    if user.op == "call_method" and user.target in _METADATA_ONLY:
+    if user.op == "call_method" and user.target in ops.METADATA_ONLY:
         return node not in user.args[:1] or user.target in ("size", "dim") or user.target.startswith("new_")
     if user.op == "call_method" and user.target == "to" and len(user.args) == 2 and user.args[1] is node:
         return True
@@ -39,7 +35,7 @@ def functionalize_inplace(graph):
         if node.op == "call_method":
             node.target = node.target[:-1]
         else:
-            node.target = _OUT_OF_PLACE[node.target]
+            node.target = ops.OUT_OF_PLACE[node.target]
         for user in list(target.users):
             if user is not node and order[user] > order[node]:
                 user.replace_input_with(target, node)

@@ -6,17 +6,12 @@ tensor's last axis, its features. q.kT must contract q's and k's feature axes; p
 contract v's. A product of q with an untransposed k contracts k's token axis, and is refused,
 even when N == D makes the shapes fit.
 """
-import operator
-
 import torch
 from torch.fx import Node
 
+from flashfuse.patterns import ops
 from flashfuse.patterns.ops import meta
 
-_SAME_DIMS = {"contiguous", "clone", "float", "half", "bfloat16", "double", "to", "type", "type_as", "neg",
-              "__neg__", operator.neg, torch.neg, torch.clone, "detach", torch.detach}
-_ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub,
-                torch.div, "add", "mul", "sub", "div", "__add__", "__mul__", "__sub__", "__truediv__"}
 _MAX_DEPTH = 64
 
 
@@ -25,21 +20,17 @@ def _rank(node):
     return t.dim() if isinstance(t, torch.Tensor) else None
 
 
-def _key(node):
-    return node.target if node.op in ("call_function", "call_method") else None
-
-
 def is_feature_axis(node, dim, depth=0):
     """True if `dim` of node's tensor is the last (feature) axis of the tensor its data came from."""
     rank = _rank(node)
     if rank is None:
         return False
     dim %= rank
-    key = _key(node)
+    key = ops.target(node)
     if key is None or depth > _MAX_DEPTH:
         return dim == rank - 1
     src = node.args[0] if node.args else None
-    if key in (torch.einsum, torch.functional.einsum):
+    if key in ops.EINSUM:
         step = _einsum_source(node, dim)
     else:
         step = _source_dim(node, key, src, dim, rank)
@@ -59,41 +50,41 @@ def _source_dim(node, key, src, dim, rank):  # noqa: C901  (one case per layout 
     if not isinstance(src, Node) or _rank(src) is None:
         return _ROOT
     src_rank = _rank(src)
-    if key in _SAME_DIMS and src_rank == rank:
+    if key in ops.SAME_DIMS and src_rank == rank:
         return src, dim
-    if key in ("transpose", torch.transpose, "swapaxes", "swapdims"):
+    if key in ops.TRANSPOSE:
         d0, d1 = node.args[1] % rank, node.args[2] % rank
         return src, {d0: d1, d1: d0}.get(dim, dim)
     if _is_mT(node):
         return src, {rank - 1: rank - 2, rank - 2: rank - 1}.get(dim, dim)
-    if key in ("permute", torch.permute):
+    if key in ops.PERMUTE:
         dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
         return src, dims[dim] % rank
-    if key in ("movedim", "moveaxis", torch.movedim, torch.moveaxis):
+    if key in ops.MOVEDIM:
         return src, _moved_order(node.args[1], node.args[2], rank)[dim]
-    if key in ("repeat_interleave", torch.repeat_interleave):
+    if key in ops.REPEAT_INTERLEAVE:
         along = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
         return None if along is None or along % rank == dim else (src, dim)
-    if key in ("unsqueeze", torch.unsqueeze):
+    if key in ops.UNSQUEEZE:
         d = node.args[1] % rank
         return None if dim == d else (src, dim - (dim > d))
-    if key in ("expand", "expand_as"):
+    if key in ops.EXPAND:
         lead = rank - src_rank
         return None if dim < lead else (src, dim - lead)
-    if key in ("view", "reshape", torch.reshape, "flatten", "unflatten", "view_as", "reshape_as"):
+    if key in ops.RESHAPE:
         repeated = unrepeat_kv(node)
         if repeated is not None and dim >= 2:  # repeat_kv keeps the token and feature dims
             return repeated[0], dim
         return _reshape_source(node, src, dim, rank, src_rank)
-    if key is operator.getitem:
+    if key in ops.GETITEM:
         return _getitem_source(node, src, dim, rank, src_rank)
-    if key in _ELEMENTWISE:
+    if key in ops.ELEMENTWISE:
         full = [a for a in node.args if isinstance(a, Node) and _rank(a) == rank
                 and tuple(meta(a).shape) == tuple(meta(node).shape)]
         return (full[0], dim) if full else None
-    if key in ("split", "chunk", "unbind", torch.split, torch.chunk, torch.unbind):
+    if key in ops.SPLIT:
         return _ROOT  # a tuple; getitem on it is handled above
-    if key in (torch.cat, torch.concat):
+    if key in ops.CAT:
         first = node.args[0][0] if node.args and isinstance(node.args[0], (list, tuple)) else None
         return (first, dim) if isinstance(first, Node) and _rank(first) == rank else None
     return _ROOT
@@ -139,7 +130,7 @@ def _getitem_source(node, src, dim, rank, src_rank):
     index = node.args[1]
     if isinstance(meta(src), (list, tuple)):  # element of split/chunk/unbind output
         parent = src
-        if _key(parent) in ("unbind", torch.unbind):
+        if ops.target(parent) in ops.UNBIND:
             along = (parent.args[1] if len(parent.args) > 1 else parent.kwargs.get("dim", 0))
             p_rank = _rank(parent.args[0])
             along %= p_rank
@@ -186,23 +177,23 @@ def known_equal(a, b):
 
 
 def _is_mT(node):
-    key = _key(node)
+    key = ops.target(node)
     if key is getattr:
         return node.args[1] == "mT"
-    return key == "mT" or key is getattr(torch.ops.aten, "mT", None)
+    return key in ops.MATRIX_TRANSPOSE
 
 
 def swapped_last_two(node):
     """If node is x with its last two dims swapped (transpose, mT, permute), return x."""
-    key, rank = _key(node), _rank(node)
+    key, rank = ops.target(node), _rank(node)
     if key is None or rank is None or rank < 2:
         return None
-    if key in ("transpose", torch.transpose, "swapaxes", "swapdims"):
+    if key in ops.TRANSPOSE:
         if {node.args[1] % rank, node.args[2] % rank} == {rank - 2, rank - 1}:
             return node.args[0]
     if _is_mT(node):
         return node.args[0]
-    if key in ("permute", torch.permute):
+    if key in ops.PERMUTE:
         dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
         if [d % rank for d in dims] == list(range(rank - 2)) + [rank - 1, rank - 2]:
             return node.args[0]
@@ -215,17 +206,17 @@ def unrepeat_kv(node):
     repeat_kv is x[:, :, None].expand(B, Hkv, n, N, D).reshape(B, Hkv * n, N, D): head h reads
     x's head h // n, exactly the op's grouped-query indexing, so x can be passed unexpanded.
     """
-    key = _key(node)
-    if key in ("repeat_interleave", torch.repeat_interleave):
+    key = ops.target(node)
+    if key in ops.REPEAT_INTERLEAVE:
         reps = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
         along = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
         if isinstance(reps, int) and along is not None and along % 4 == 1 and _rank(node.args[0]) == 4:
             return node.args[0], reps
         return None
-    if key not in ("reshape", "view", torch.reshape) or _rank(node) != 4:
+    if key not in ops.PLAIN_RESHAPE or _rank(node) != 4:
         return None
     expand = node.args[0]
-    if not isinstance(expand, Node) or _key(expand) != "expand" or _rank(expand) != 5:
+    if not isinstance(expand, Node) or ops.target(expand) != "expand" or _rank(expand) != 5:
         return None
     unsq = expand.args[0]
     if not isinstance(unsq, Node):
@@ -241,10 +232,10 @@ def unrepeat_kv(node):
 
 
 def _unsqueezed_at_2(node):
-    key = _key(node)
-    if key in ("unsqueeze", torch.unsqueeze) and node.args[1] % 5 == 2:
+    key = ops.target(node)
+    if key in ops.UNSQUEEZE and node.args[1] % 5 == 2:
         return node.args[0]
-    if key is operator.getitem and isinstance(node.args[1], tuple):
+    if key in ops.GETITEM and isinstance(node.args[1], tuple):
         idx = node.args[1]
         full = slice(None)
         if len(idx) >= 3 and idx[0] == full and idx[1] == full and idx[2] is None \

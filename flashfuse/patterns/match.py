@@ -10,11 +10,10 @@ import math
 import torch
 from torch.fx import Node
 
-from flashfuse.patterns import layout
+from flashfuse.patterns import layout, ops
 from flashfuse.patterns.chain import chain_back, fold
 from flashfuse.patterns.ops import classify
-from flashfuse.patterns.plan import (Operand, Plan, Refuse, constant, keeps_last_two, real_users, single_user,
-                                     tensor_of)
+from flashfuse.patterns.plan import Operand, Plan, Refuse, constant, keeps_last_two, real_users, single_user, tensor_of
 from flashfuse.patterns.products import score_product, value_product
 from flashfuse.patterns.sdpa import sdpa_plan
 from flashfuse.patterns.structure import structure_of
@@ -56,7 +55,7 @@ def match_softmax(softmax):
 
 def _take_structure(plan):
     """A lone bias that is a causal / sliding-window mask built from index comparisons becomes flags."""
-    if len(plan.bias) != 1 or plan.hide:
+    if len(plan.bias) != 1 or plan.masks:
         return
     node, coeff, _ = plan.bias[0]
     found = structure_of(node, coeff, *plan.scores_shape[-2:])
@@ -142,13 +141,10 @@ def _fold_operand_scales(plan):
                     plan.bypass.append((child, node, src))
                 node = src
                 continue
-            if node.op == "call_method" and node.target in _VIEWS and isinstance(node.args[0], Node):
+            if node.op == "call_method" and node.target in ops.VIEW_METHODS and isinstance(node.args[0], Node):
                 child, node = node, node.args[0]
                 continue
             break
-
-
-_VIEWS = ("view", "reshape", "transpose", "permute", "contiguous")
 
 
 def _scaled(node):

@@ -1,9 +1,13 @@
-"""One vocabulary for the many spellings of each op in a Dynamo graph.
+"""One vocabulary for the many spellings of each op in a Dynamo graph: the only module that names
+torch functions, Tensor methods and operators as graph targets.
 
 `classify(node)` maps a torch-level FX node (a function, a Tensor method, an operator, in place
-or not) to an `Op(kind, args)` with its arguments normalized, or None for anything else.
-The matcher only ever reasons about these kinds.
+or not) to an `Op(kind, args)` with its arguments normalized, or None for anything else; the
+score chain is reasoned about in these kinds. The target sets below serve the proofs that look at
+other ops (layout.py: views and transposes; structure.py: index arithmetic; inplace.py): they ask
+`target(node) in ops.SET`.
 """
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -42,11 +46,59 @@ INPLACE = {operator.imul: MUL, operator.itruediv: DIV, operator.iadd: ADD, opera
            operator.imatmul: MATMUL}
 
 
-def target_key(node: Node):
-    """The function, or the method name for call_method nodes."""
-    if node.op == "call_method":
-        return node.target
-    if node.op == "call_function":
+# -- layout: ops that move, copy or view dims (layout.py, match.py, rewrite.py) ----------------------------------
+SAME_DIMS = _targets("contiguous", "clone", "float", "half", "bfloat16", "double", "to", "type", "type_as", "neg",
+                     "__neg__", operator.neg, torch.neg, torch.clone, "detach", torch.detach)
+ELEMENTWISE = _targets(operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub,
+                       torch.div, "add", "mul", "sub", "div", "__add__", "__mul__", "__sub__", "__truediv__")
+TRANSPOSE = _targets("transpose", torch.transpose, "swapaxes", "swapdims")
+MATRIX_TRANSPOSE = _targets("mT", getattr(torch.ops.aten, "mT", "mT"))
+PERMUTE = _targets("permute", torch.permute)
+MOVEDIM = _targets("movedim", "moveaxis", torch.movedim, torch.moveaxis)
+REPEAT_INTERLEAVE = _targets("repeat_interleave", torch.repeat_interleave)
+UNSQUEEZE = _targets("unsqueeze", torch.unsqueeze)
+EXPAND = _targets("expand", "expand_as")
+RESHAPE = _targets("view", "reshape", torch.reshape, "flatten", "unflatten", "view_as", "reshape_as")
+PLAIN_RESHAPE = _targets("reshape", "view", torch.reshape)
+SPLIT = _targets("split", "chunk", "unbind", torch.split, torch.chunk, torch.unbind)
+UNBIND = _targets("unbind", torch.unbind)
+CAT = _targets(torch.cat, torch.concat)
+GETITEM = _targets(operator.getitem)
+#: Tensor methods that only relabel dims, which a scale on q or k may sit under (match.py)
+VIEW_METHODS = _targets("view", "reshape", "transpose", "permute", "contiguous")
+#: views the rewrite erases once they feed nothing
+REMOVABLE_VIEWS = _targets("transpose", "permute", "view", "reshape", "contiguous", "unsqueeze", "expand", "mT",
+                           torch.transpose, getattr(torch.ops.aten, "mT", "mT"), torch.unsqueeze)
+
+# -- index arithmetic: masks built from positions (structure.py) -------------------------------------------------
+AND = _targets(operator.and_, torch.logical_and, torch.bitwise_and, "__and__", "logical_and", "bitwise_and")
+MASK_PASS = _targets("to", "expand", "contiguous", "bool")
+COMPARE = {operator.le: "le", torch.le: "le", "le": "le", operator.lt: "lt", torch.lt: "lt", "lt": "lt",
+           operator.ge: "ge", torch.ge: "ge", "ge": "ge", operator.gt: "gt", torch.gt: "gt", "gt": "gt"}
+PLUS = _targets(operator.add, torch.add)
+MINUS = _targets(operator.sub, torch.sub)
+ARANGE = _targets(torch.arange)
+ZEROS_LIKE = torch.zeros_like
+ZEROS = _targets(torch.zeros, ZEROS_LIKE)
+ONES_METHOD = "new_ones"
+
+# -- constants built in the graph (plan.constant) ----------------------------------------------------------------
+FULL = _targets(torch.full)
+TENSOR = _targets(torch.tensor, torch.as_tensor)
+SCALAR_MATH = _targets(math.sqrt, operator.truediv, operator.mul, operator.pow)
+SCALAR_CASTS = _targets("to", "type")
+
+# -- in place (inplace.py) ---------------------------------------------------------------------------------------
+OUT_OF_PLACE = {operator.imul: operator.mul, operator.itruediv: operator.truediv, operator.iadd: operator.add,
+                operator.isub: operator.sub}
+#: methods that read only their argument's shape or dtype
+METADATA_ONLY = _targets("type_as", "expand_as", "view_as", "reshape_as", "size", "dim", "new_zeros", "new_ones",
+                         "new_empty", "new_full", "new_tensor")
+
+
+def target(node):
+    """The function, or the method name, a call node runs; None for other nodes."""
+    if isinstance(node, Node) and node.op in ("call_function", "call_method"):
         return node.target
     return None
 
@@ -61,7 +113,7 @@ def classify(node: Node):
     """Return the Op a node performs, or None if it is none of the ops the matcher knows."""
     if node.op not in ("call_function", "call_method"):
         return None
-    key = target_key(node)
+    key = target(node)
     inplace = False
     if key in INPLACE:
         key, inplace = next(iter(INPLACE[key])), True

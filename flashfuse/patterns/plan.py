@@ -1,15 +1,13 @@
 """What the matcher builds for a site (`Plan`, `Operand`), why it refuses one (`Refuse`), and the
 small questions it asks of graph values: their tensors, shapes, constants and users.
 """
-import math
-import operator
 from dataclasses import dataclass, field
 
 import torch
 from torch.fx import Node
 
 from flashfuse.kernels.spec import AttentionSpec
-from flashfuse.patterns import layout
+from flashfuse.patterns import layout, ops
 from flashfuse.patterns.inplace import metadata_only_use
 from flashfuse.patterns.ops import meta
 
@@ -37,7 +35,7 @@ class Plan:
     spec: AttentionSpec = AttentionSpec()  # the scalars proven so far (replaced, never mutated)
     scale_tensors: list = field(default_factory=list)  # [(node, "mul" | "div")], 0-dim, applied to q
     bias: list = field(default_factory=list)  # [(node, coefficient, shape of the scores it was added to)]
-    hide: list = field(default_factory=list)  # [(bool node, True if it keeps keys, shape of the scores)]
+    masks: list = field(default_factory=list)  # [(bool node, keeps: True marks keys kept, shape of the scores)]
     scores_shape: tuple = ()  # the layout the softmax sees; q, k, v, bias and mask are brought to it
     scores_node: Node = None  # a node of that shape, for its sizes
     p: Node = None  # the weights as p.v reads them
@@ -50,7 +48,7 @@ class Plan:
 
     def operands(self):
         """What the op is handed besides q, k, v, for reports: bias, mask, GQA group, a runtime scale."""
-        return {"bias": bool(self.bias), "mask": bool(self.hide), "gqa": max(self.k.group, 1) if self.k else 1,
+        return {"bias": bool(self.bias), "mask": bool(self.masks), "gqa": max(self.k.group, 1) if self.k else 1,
                 "runtime_scale": bool(self.scale_tensors)}
 
 
@@ -92,14 +90,14 @@ def constant(x):
     if not isinstance(x, Node):
         return None
     op = x.target if x.op == "call_function" else None
-    if op in (torch.full,) and len(x.args) >= 2 and list(x.args[0]) == [] and isinstance(x.args[1], (int, float)):
+    if op in ops.FULL and len(x.args) >= 2 and list(x.args[0]) == [] and isinstance(x.args[1], (int, float)):
         return float(x.args[1])
-    if op in (torch.tensor, torch.as_tensor) and x.args and isinstance(x.args[0], (int, float)):
+    if op in ops.TENSOR and x.args and isinstance(x.args[0], (int, float)):
         return float(x.args[0])
-    if op in (math.sqrt, operator.truediv, operator.mul, operator.pow) and all(
+    if op in ops.SCALAR_MATH and all(
             isinstance(a, (int, float)) for a in x.args):
         return float(op(*x.args))
-    if x.op == "call_method" and x.target in ("to", "type") and isinstance(x.args[0], Node):
+    if x.op == "call_method" and x.target in ops.SCALAR_CASTS and isinstance(x.args[0], Node):
         return constant(x.args[0])
     return None
 

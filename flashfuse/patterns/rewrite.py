@@ -11,6 +11,7 @@ import torch
 from torch.fx import Node
 
 from flashfuse.kernels import op as flash_op
+from flashfuse.patterns import ops
 from flashfuse.patterns.layout import known_equal
 from flashfuse.patterns.ops import meta
 from flashfuse.patterns.plan import Refuse, shape_of
@@ -103,9 +104,7 @@ def _erase_dead(graph, nodes):
 
 
 def _is_view(node):
-    if node.op == "call_method":
-        return node.target in ("transpose", "permute", "view", "reshape", "contiguous", "unsqueeze", "expand", "mT")
-    return node.op == "call_function" and node.target in (torch.transpose, torch.ops.aten.mT, torch.unsqueeze)
+    return ops.target(node) in ops.REMOVABLE_VIEWS
 
 
 def _same(a, b):
@@ -208,8 +207,8 @@ def _combined_bias(b, plan, full):
 
 def _combined_mask(b, plan, full):
     keep = None
-    for node, is_keep, layout in plan.hide:
+    for node, keeps, layout in plan.masks:
         node = _regroup_term(b, plan, node, layout, "mask")
-        term = node if is_keep else b(torch.logical_not, node)
+        term = node if keeps else b(torch.logical_not, node)
         keep = term if keep is None else b(torch.logical_and, keep, term)
     return None if keep is None else _broadcast_arg(b, keep, full, "mask")

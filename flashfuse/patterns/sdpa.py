@@ -26,7 +26,7 @@ def sdpa_plan(node) -> Plan:
         if t is None:
             raise Refuse("SDPA attn_mask without shape information")
         if t.dtype == torch.bool:
-            plan.hide.append((mask, True, plan.scores_shape))
+            plan.masks.append((mask, True, plan.scores_shape))
         else:
             plan.bias.append((mask, 1.0, plan.scores_shape))
     dropout_p = constant(args["dropout_p"])

@@ -9,23 +9,12 @@ That is exact: each query keeps its diagonal key, so no row is ever fully hidden
 key's exp(fill - max) is 0 in fp32 either way. A mask with any other term (a padding mask, which
 can hide a whole row) stays a bias.
 """
-import operator
-
-import torch
 from torch.fx import Node
 
+from flashfuse.patterns import ops
 from flashfuse.patterns.chain import LARGE_NEGATIVE
 from flashfuse.patterns.ops import classify, meta
 from flashfuse.patterns.plan import constant
-
-_AND = {operator.and_, torch.logical_and, torch.bitwise_and, "__and__", "logical_and", "bitwise_and"}
-_PASS = {"to", "expand", "contiguous", "bool"}
-_COMPARE = {operator.le: "le", torch.le: "le", "le": "le", operator.lt: "lt", torch.lt: "lt", "lt": "lt",
-            operator.ge: "ge", torch.ge: "ge", "ge": "ge", operator.gt: "gt", torch.gt: "gt", "gt": "gt"}
-
-
-def _key(node):
-    return node.target if isinstance(node, Node) and node.op in ("call_function", "call_method") else None
 
 
 def _static_int(x):
@@ -64,25 +53,25 @@ def structure_of(bias, coeff, nq, nk):
 
 
 def _zero(x):
-    if isinstance(x, Node) and x.op == "call_function" and x.target in (torch.zeros, torch.zeros_like):
-        return list(x.args[0]) == [] if x.target is torch.zeros and x.args else None
+    if isinstance(x, Node) and x.op == "call_function" and x.target in ops.ZEROS:
+        return list(x.args[0]) == [] if x.target is not ops.ZEROS_LIKE and x.args else None
     return constant(x) == 0
 
 
 def _conjunction(node):
-    key = _key(node)
-    if key in _AND:
+    key = ops.target(node)
+    if key in ops.AND:
         return _conjunction(node.args[0]) + _conjunction(node.args[1])
-    if key in _PASS and isinstance(node.args[0], Node):
+    if key in ops.MASK_PASS and isinstance(node.args[0], Node):
         return _conjunction(node.args[0])
     return [node]
 
 
 def _bound(term):
     """("le", c) for key <= query + c, ("ge", c) for key >= query + c; a literal True as ("le", inf)."""
-    if _key(term) == "new_ones" and meta(term).dim() == 0:
+    if ops.target(term) == ops.ONES_METHOD and meta(term).dim() == 0:
         return "le", float("inf")
-    kind = _COMPARE.get(_key(term))
+    kind = ops.COMPARE.get(ops.target(term))
     if kind is None or len(term.args) != 2:
         return None
     a, b = _index(term.args[0]), _index(term.args[1])
@@ -100,17 +89,17 @@ def _index(node):
     """("q" | "k", c) if node holds query / key positions plus a constant c, laid along dim -2 / -1."""
     if not isinstance(node, Node):
         return None
-    key = _key(node)
-    if key in _PASS:
+    key = ops.target(node)
+    if key in ops.MASK_PASS:
         return _index(node.args[0])
-    if key in (operator.add, torch.add, operator.sub, torch.sub):
+    if key in ops.PLUS or key in ops.MINUS:
         x, c = node.args
         c = _static_int(c) if not isinstance(c, Node) else None
         inner = _index(x)
         if inner is None or c is None:
             return None
-        return inner[0], inner[1] + (c if key in (operator.add, torch.add) else -c)
-    if key is operator.getitem and isinstance(node.args[1], tuple):
+        return inner[0], inner[1] + (c if key in ops.PLUS else -c)
+    if key in ops.GETITEM and isinstance(node.args[1], tuple):
         index = node.args[1]
         slices = [i for i, s in enumerate(index) if isinstance(s, slice)]
         if len(slices) != 1 or any(s is not None for i, s in enumerate(index) if i != slices[0]):
@@ -125,16 +114,16 @@ def _index(node):
 
 def _arange_start(node):
     """c if node is arange(n) + c (1-D positions 0..n-1 shifted by c)."""
-    key = _key(node)
-    if key is torch.arange:
+    key = ops.target(node)
+    if key in ops.ARANGE:
         if len(node.args) == 1 and not {"start", "step"} & set(node.kwargs):
             return 0
         return None
-    if key in (operator.add, torch.add, operator.sub, torch.sub) and isinstance(node.args[0], Node):
+    if (key in ops.PLUS or key in ops.MINUS) and isinstance(node.args[0], Node):
         c = node.args[1]
         inner = _arange_start(node.args[0])
         c = _static_int(c) if not isinstance(c, Node) else None
         if inner is None or c is None:
             return None
-        return inner + (c if key in (operator.add, torch.add) else -c)
+        return inner + (c if key in ops.PLUS else -c)
     return None

@@ -58,7 +58,7 @@ def assert_equivalent(fn_or_module, *inputs, expected_sites=None, grad=True, opt
         inputs: its inputs. Float tensors that require grad (and the module's parameters) get
             their gradients compared too when `grad` is set.
         expected_sites: how many attention sites must be rewritten (0 for a program that is not
-            attention); None skips the count.
+            attention); None skips the count. A site refused by an internal error always fails the check.
         options: backend options, e.g. {"compiler": "eager"} to skip inductor.
         source: text shown on failure (defaults to the function's source).
 
@@ -76,7 +76,8 @@ def assert_equivalent(fn_or_module, *inputs, expected_sites=None, grad=True, opt
     compiled, sites = compile_and_report(fn_or_module, options)
     torch.manual_seed(seed)
     actual = _outputs(compiled(*inputs))
-    problems = []
+    problems = [f"site {s.node} was left alone after an internal error (a flashfuse bug): {s.reason}"
+                for s in sites if s.reason and s.reason.startswith("internal error")]
     rewritten = sum(s.rewritten for s in sites)
     if expected_sites is not None and rewritten != expected_sites:
         problems.append(f"{rewritten} sites rewritten, expected {expected_sites}")

@@ -31,10 +31,6 @@ PROFILES = {
     "fuzz": dict(_COMMON, max_examples=10_000),
 }
 
-#: max_examples per profile for the tests that share one budget (tests/test_fuzz.py scales these).
-EXAMPLES = {name: profile["max_examples"] for name, profile in PROFILES.items()}
-
-
 def register_profiles():
     """Register ci, dev and fuzz with Hypothesis (idempotent)."""
     for name, kwargs in PROFILES.items():

@@ -30,15 +30,31 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from flashfuse.testing.programs.build import NaNProgram, Program, build_program
-from flashfuse.testing.programs.check import (KNOWN_GAPS, ORACLE_SLACK, ROUNDING_FLOOR, check_program,
-                                              interpreter_active, judge_against_oracle, skip_gradients)
-from flashfuse.testing.programs.choices import (FILLS, K_UNTRANSPOSES, LAYOUTS, LAYOUTS_3D, LAYOUTS_4D, NEAR_MISSES,
-                                                PATTERNS_3D, PATTERNS_4D, SMALL_FILLS, TRANSPOSES, draw_choices)
+from flashfuse.testing.programs.check import (
+    ORACLE_SLACK,
+    ROUNDING_FLOOR,
+    check_program,
+    interpreter_active,
+    judge_against_oracle,
+)
+from flashfuse.testing.programs.choices import (
+    FILLS,
+    K_UNTRANSPOSES,
+    LAYOUTS,
+    LAYOUTS_3D,
+    LAYOUTS_4D,
+    NEAR_MISSES,
+    PATTERNS_3D,
+    PATTERNS_4D,
+    SMALL_FILLS,
+    TRANSPOSES,
+    draw_choices,
+)
 
-__all__ = ["FILLS", "KNOWN_GAPS", "K_UNTRANSPOSES", "LAYOUTS", "LAYOUTS_3D", "LAYOUTS_4D", "NEAR_MISSES",
+__all__ = ["FILLS", "K_UNTRANSPOSES", "LAYOUTS", "LAYOUTS_3D", "LAYOUTS_4D", "NEAR_MISSES",
            "OPEN_BUGS", "ORACLE_SLACK", "PATTERNS_3D", "PATTERNS_4D", "ROUNDING_FLOOR", "SMALL_FILLS", "TRANSPOSES",
            "NaNProgram", "Program", "attention_programs", "build_program", "check_program", "interpreter_active",
-           "judge_against_oracle", "skip_gradients"]
+           "judge_against_oracle"]
 
 #: Open bugs the drawn programs can steer around, by name, so that a long run finds new ones: each gets a strict
 #: xfail regression test in tests/test_fuzz.py and a condition on `name in avoid` in choices.draw_choices; drop

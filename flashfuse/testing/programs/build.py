@@ -94,13 +94,14 @@ def build_program(choices: dict) -> Program:
     padding (which never hides key 0; causal and random masks keep it), then no padding; the program's
     `choices` are the repaired ones. Raises NaNProgram if none of them helps.
     """
-    for choices in _repairs(dict(choices)):
-        builder, source, module = _instantiate(choices)
+    for repaired in _repairs(dict(choices)):
+        builder, source, module = _instantiate(repaired)
         inputs = tuple(builder.src.inputs)
         if not _has_nan(module, inputs):
             break
     else:
         raise NaNProgram("eager gives NaN for these choices, with and without padding")
+    choices = repaired
     kind = choices["kind"]
     sites = choices.get("calls", 1) if kind == "attention" else 0
     return Program(source, module, inputs, kind == "attention", sites, choices,

@@ -12,7 +12,7 @@ def interpreter_active():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def check_program(program: Program, options=None, grad=None):
+def check_program(program: Program, options=None, grad=True):
     """Compile a drawn program with flashfuse and check it: rewritten sites, outputs and gradients.
 
     Runs `assert_equivalent` (count of rewritten sites == program.expected_sites; outputs and gradients
@@ -22,14 +22,12 @@ def check_program(program: Program, options=None, grad=None):
     but rounding noise in any other algorithm.
 
     `options` defaults to `fuzz_options()` (AOTAutograd without inductor unless $FLASHFUSE_FUZZ_COMPILER
-    says otherwise). `grad=None` compares gradients except where a known gap says not to (`skip_gradients`).
+    says otherwise). `grad=False` compares outputs only.
     Returns the Sites found.
     """
     from flashfuse.testing.equivalence import assert_equivalent
     from flashfuse.testing.profiles import fuzz_options
     options = fuzz_options() if options is None else options
-    if grad is None:
-        grad = not skip_gradients(program)
     seed = program.choices.get("seed", 0)
     try:
         return assert_equivalent(program.module, *program.inputs, expected_sites=program.expected_sites, grad=grad,
@@ -133,17 +131,3 @@ def judge_against_oracle(program: Program, options=None, grad=True):
                 problems.append(f"gradient {i}: error against float64 {error(c, o):.3g} > {allowed:.3g} allowed "
                                 f"(eager's {error(e, o):.3g}, norm {norm(o):.3g}, all gradients {total:.3g})")
     return "; ".join(problems) or None
-
-
-#: Known kernel gaps whose gradients check_program leaves unchecked, by name. The one it was written for
-#: ("fully_masked_rows_interpreter_grad": under TRITON_INTERPRET=1, rows whose every key is hidden by a huge
-#: finite fill) no longer shows (docs/fuzzing.md), so none is skipped; put the name back to skip it again.
-KNOWN_GAPS = {}
-
-
-def skip_gradients(program: Program) -> bool:
-    """True for programs in a known gap (KNOWN_GAPS) whose gradients check_program leaves unchecked."""
-    if os.environ.get("FLASHFUSE_FUZZ_STRICT") == "1":
-        return False
-    return ("fully_masked_rows_interpreter_grad" in KNOWN_GAPS and program.fully_masked_rows
-            and program.is_attention and interpreter_active())

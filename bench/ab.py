@@ -1,0 +1,127 @@
+"""This tree against another commit, side by side in one process on a CUDA GPU (the GPU is noisy across
+processes): `flashfuse.attention` forward and forward + backward, wall and GPU kernel time per call.
+
+    python bench/ab.py 83ba1ec                  # this tree (new) against commit 83ba1ec (old)
+    python bench/ab.py 83ba1ec --shapes gpt2    # only the shapes whose name contains "gpt2"
+    python bench/ab.py --prepare 83ba1ec .ab    # on a machine without git: write the old package first ...
+    python bench/ab.py .ab                      # ... and compare against that folder
+
+The other commit's package is copied out of git as `flashfuse_ab` (imports and op namespace renamed), so both
+load at once; each shape alternates old, new, old, new and keeps each side's best p50.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+import timing  # noqa: E402
+
+import flashfuse  # noqa: E402
+
+# name: (B, Hq, Hkv, Nq, Nk, D, causal)
+SHAPES = {
+    "gpt2 8x12x1024 d64 c": (8, 12, 12, 1024, 1024, 64, True),
+    "16x16x1024 d64 c": (16, 16, 16, 1024, 1024, 64, True),
+    "16x16x1024 d64 nc": (16, 16, 16, 1024, 1024, 64, False),
+    "4x16x4096 d128 nc": (4, 16, 16, 4096, 4096, 128, False),
+    "4x16x4096 d128 c": (4, 16, 16, 4096, 4096, 128, True),
+    "gqa 4x16/4x4096 d128 c": (4, 16, 4, 4096, 4096, 128, True),
+    "1x16x16384 d128 c": (1, 16, 16, 16384, 16384, 128, True),
+    "2x16x4096 d256 c": (2, 16, 16, 4096, 4096, 256, True),
+    "decode 8x32/4 q1 k4096 d128": (8, 32, 4, 1, 4096, 128, False),
+    "decode 8x32/4 q1 k131072 d128": (8, 32, 4, 1, 131072, 128, False),
+}
+
+
+def prepare(commit, folder):
+    """Write the package at `commit` into folder/flashfuse_ab."""
+    os.makedirs(folder, exist_ok=True)
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, cwd=HERE,
+                          check=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", commit, "flashfuse"], capture_output=True, cwd=root, check=True)
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    os.rename(os.path.join(folder, "flashfuse"), os.path.join(folder, "flashfuse_ab"))
+    for dirpath, _, files in os.walk(os.path.join(folder, "flashfuse_ab")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                text = open(path).read()
+                text = re.sub(r"\bflashfuse\.", "flashfuse_ab.", text)
+                text = re.sub(r"\bfrom flashfuse import", "from flashfuse_ab import", text)
+                text = text.replace('"flashfuse::', '"flashfuse_ab::').replace("ops.flashfuse.", "ops.flashfuse_ab.")
+                text = text.replace('register_backend(flashfuse_backend, name="flashfuse")', "pass")
+                open(path, "w").write(text)
+
+
+def load_old(commit_or_folder):
+    """The other package, importable as flashfuse_ab: from a folder `prepare` wrote, or from a commit."""
+    folder = commit_or_folder
+    if not os.path.isdir(os.path.join(folder, "flashfuse_ab")):
+        folder = tempfile.mkdtemp(prefix="flashfuse-ab-")
+        prepare(commit_or_folder, folder)
+    sys.path.insert(0, os.path.abspath(folder))
+    import flashfuse_ab
+    return flashfuse_ab
+
+
+def measure(attention, b, hq, hkv, nq, nk, d, causal):
+    torch.manual_seed(0)
+    q = torch.randn(b, hq, nq, d, device="cuda", dtype=torch.bfloat16, requires_grad=nq > 1)
+    k = torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=nq > 1)
+    v = torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=nq > 1)
+    fwd = lambda: attention(q, k, v, causal=causal)  # noqa: E731
+    with torch.no_grad():
+        result = {"fwd": timing.wall_ms(fwd)[1], "fwd_gpu": timing.gpu_ms(fwd), "fwd_host": timing.host_ms(fwd)}
+    if nq > 1:
+        out = fwd()
+        dout = torch.randn_like(out)
+        both = lambda: torch.autograd.grad(fwd(), (q, k, v), dout)  # noqa: E731
+        both()
+        result.update(both=timing.wall_ms(both)[1], both_gpu=timing.gpu_ms(both), both_host=timing.host_ms(both))
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("commit", help="a commit, or a folder written by --prepare")
+    parser.add_argument("folder", nargs="?", help="with --prepare: where to write the old package")
+    parser.add_argument("--prepare", action="store_true", help="only write the old package into `folder`")
+    parser.add_argument("--shapes", default="", help="only shapes whose name contains this")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.prepare:
+        return prepare(args.commit, args.folder)
+    old = load_old(args.commit)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; old = {args.commit}, new = this tree; "
+          f"us per call, best p50 of {args.rounds} alternating rounds")
+    print("| shape | fwd wall old / new | fwd gpu old / new | fwd host old / new | fwd+bwd wall old / new "
+          "| fwd+bwd gpu old / new | fwd+bwd host old / new |")
+    print("|---|---|---|---|---|---|---|")
+    for name, shape in SHAPES.items():
+        if args.shapes not in name:
+            continue
+        best = {"old": {}, "new": {}}
+        for _ in range(args.rounds):
+            for side, module in (("old", old), ("new", flashfuse)):
+                for key, value in measure(module.attention, *shape).items():
+                    best[side][key] = min(value, best[side].get(key, float("inf")))
+        cells = []
+        for key in ("fwd", "fwd_gpu", "fwd_host", "both", "both_gpu", "both_host"):
+            if key in best["new"]:
+                o, n = best["old"][key] * 1e3, best["new"][key] * 1e3
+                cells.append(f"{o:.0f} / {n:.0f} ({n / o:.2f}x)")
+            else:
+                cells.append("")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
