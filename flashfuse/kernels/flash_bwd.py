@@ -28,8 +28,8 @@ from flashfuse.kernels.flash_fwd import head_pad
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Stats, n_stats, Delta, sqm, sdm, row0, bias_cols, sbm, mask_cols,
-                smm, DBias, sdbm, sdbn, seed, n_queries, n_keys, shift, MASKED: tl.constexpr, SCALE: tl.constexpr,
-                SOFTCAP: tl.constexpr, MASK_VALUE: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+                smm, mask_value, DBias, sdbm, sdbn, seed, n_queries, n_keys, shift, MASKED: tl.constexpr,
+                RAW: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                 DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                 D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_Q1: tl.constexpr, DB_K1: tl.constexpr,
@@ -57,9 +57,9 @@ def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Stats, n_stats, Delta, sqm, sdm,
         qkt = _dot(k, qt, None, PRECISION)  # (BLOCK_N, BLOCK_M)
         ic = tl.minimum(i, n_queries - 1)
         s, t, keep = _score_tile(qkt, i[None, :], j[:, None], n_keys, shift, bias_cols + ic[None, :] * sbm,
-                                 mask_cols + ic[None, :] * smm, MASKED, SCALE, SOFTCAP, MASK_VALUE, LEFT, RIGHT,
+                                 mask_cols + ic[None, :] * smm, mask_value, MASKED, RAW, SCALE, SOFTCAP, LEFT, RIGHT,
                                  HAS_BIAS, HAS_MASK)
-        pt = _recompute_p(s, row_max[None, :], log_sum[None, :], SCALE, SOFTCAP, HAS_BIAS, HAS_MASK)
+        pt = _recompute_p(s, row_max[None, :], log_sum[None, :], RAW, SCALE)
         # -- dV += P^T dO; dP^T = V dO^T ----
         dpt = _dot(v, tl.trans(do), None, PRECISION)
         if DROPOUT_P > 0.0:
@@ -97,9 +97,9 @@ def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Stats, n_stats, Delta, sqm, sdm,
 @triton.jit
 def _dkdv_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, DBias, dK, dV,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
-                 sdbb, sdbh, sdbm, sdbn, n_heads, group, n_queries, n_keys,
-                 SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASK_VALUE: tl.constexpr, LEFT: tl.constexpr,
-                 RIGHT: tl.constexpr, DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                 sdbb, sdbh, sdbm, sdbn, n_heads, group, n_queries, n_keys, mask_value,
+                 SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+                 DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, RAW: tl.constexpr,
                  PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr,
                  HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_GRAD: tl.constexpr,
                  DB_Q1: tl.constexpr, DB_K1: tl.constexpr, DB_ATOMIC: tl.constexpr):
@@ -141,10 +141,10 @@ def _dkdv_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, DBias, dK, dV,
             if stage != 0 or RIGHT >= 0:
                 start, end = _stage(stage, lo, mid_lo, mid_hi, hi)
                 dk, dv = _dkdv_inner(dk, dv, k, v, j, start, end, Q + b * sqb + h * sqh, dO + b * sdb + h * sdh,
-                                     Stats, n_stats, Delta, sqm, sdm, row0, bias_cols, sbm, mask_cols, smm,
+                                     Stats, n_stats, Delta, sqm, sdm, row0, bias_cols, sbm, mask_cols, smm, mask_value,
                                      DBias + b * sdbb + h * sdbh, sdbm, sdbn, seed, n_queries, n_keys, shift,
-                                     stage != 1, SCALE, SOFTCAP, MASK_VALUE, LEFT, RIGHT, DROPOUT_P, HAS_BIAS,
-                                     HAS_MASK, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_M, BIAS_GRAD, DB_Q1, DB_K1,
+                                     stage != 1, RAW, SCALE, SOFTCAP, LEFT, RIGHT, DROPOUT_P, HAS_BIAS, HAS_MASK,
+                                     PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_M, BIAS_GRAD, DB_Q1, DB_K1,
                                      DB_ATOMIC)
     # epilogue: dK picks up the score scale here, once
     dk = dk * SCALE
@@ -183,12 +183,12 @@ def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launc
                q if seed is None else seed)
     flags = dict(constexprs(spec, bias, mask, q.dtype), D=d, DV=dv_, HEAD_D=head_d, HEAD_DV=head_dv)
     cfg = configs.default("dq", head)
-    launch(_dq_kernel, (triton.cdiv(nq, cfg["BLOCK_M"]), b * hq))(*tensors, dq, out, *strides, hq, hq // hkv, nq, nk,
-                                                                  **flags, **cfg)
+    launch(_dq_kernel, (triton.cdiv(nq, cfg["BLOCK_M"]), b * hq))(
+        *tensors, dq, out, *strides, hq, hq // hkv, nq, nk, spec.mask_value, **flags, **cfg)
     cfg = configs.default("dkdv", head)
     launch(_dkdv_kernel, (triton.cdiv(nk, cfg["BLOCK_N"]), b * hkv))(
         *tensors, dbias, dk, dv, *strides, *broadcast_strides(dbias if bias_grad else None), hq, hq // hkv, nq, nk,
-        **flags, **cfg, BIAS_GRAD=bias_grad, DB_Q1=db_q1, DB_K1=db_k1, DB_ATOMIC=db_atomic)
+        spec.mask_value, **flags, **cfg, BIAS_GRAD=bias_grad, DB_Q1=db_q1, DB_K1=db_k1, DB_ATOMIC=db_atomic)
     if not bias_grad:
         return dq, dk, dv, None
     return dq, dk, dv, dbias.to(bias.dtype)

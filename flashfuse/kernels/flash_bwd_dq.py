@@ -11,8 +11,8 @@ from flashfuse.kernels.flash_common import _band, _dot, _dropout_keep, _recomput
 
 @triton.jit
 def _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, hi, K, V, skn, svn, bias_rows, sbn, mask_rows, smn,
-              seed, n_keys, shift, MASKED: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
-              MASK_VALUE: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, DROPOUT_P: tl.constexpr,
+              mask_value, seed, n_keys, shift, MASKED: tl.constexpr, RAW: tl.constexpr, SCALE: tl.constexpr,
+              SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, DROPOUT_P: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr,
               DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
@@ -31,9 +31,9 @@ def _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, hi, K, V, skn, svn
             vt = tl.load(vt_ptrs, mask=offs_dv[:, None] < DV, other=0.0)
         qk = _dot(q, kt, None, PRECISION)
         s, t, keep = _score_tile(qk, i[:, None], j[None, :], n_keys, shift, bias_rows[:, None] + j[None, :] * sbn,
-                                 mask_rows[:, None] + j[None, :] * smn, MASKED, SCALE, SOFTCAP, MASK_VALUE, LEFT,
-                                 RIGHT, HAS_BIAS, HAS_MASK)
-        p = _recompute_p(s, row_max[:, None], log_sum[:, None], SCALE, SOFTCAP, HAS_BIAS, HAS_MASK)
+                                 mask_rows[:, None] + j[None, :] * smn, mask_value, MASKED, RAW, SCALE, SOFTCAP,
+                                 LEFT, RIGHT, HAS_BIAS, HAS_MASK)
+        p = _recompute_p(s, row_max[:, None], log_sum[:, None], RAW, SCALE)
         dp = _dot(do, vt, None, PRECISION)
         if DROPOUT_P > 0.0:
             kept = _dropout_keep(seed, row, start, n_keys, DROPOUT_P, BLOCK_N)
@@ -48,11 +48,26 @@ def _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, hi, K, V, skn, svn
 
 
 @triton.jit
+def _row_dot(A, B, rows_valid, DV: tl.constexpr, HEAD_DV: tl.constexpr):
+    """rowsum(A * B) over DV columns (A, B: pointers of each row's first column), 32 columns at a time so the
+    two tiles never sit in registers whole."""
+    CHUNK: tl.constexpr = 32 if HEAD_DV > 32 else HEAD_DV
+    total = tl.zeros([A.shape[0]], tl.float32)
+    for c in tl.static_range(0, HEAD_DV, CHUNK):
+        cols = c + tl.arange(0, CHUNK)[None, :]
+        valid = rows_valid & (cols < DV)
+        a = tl.load(A + cols, mask=valid, other=0.0)
+        b = tl.load(B + cols, mask=valid, other=0.0)
+        total += tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)
+    return total
+
+
+@triton.jit
 def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
-               n_heads, group, n_queries, n_keys,
-               SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASK_VALUE: tl.constexpr, LEFT: tl.constexpr,
-               RIGHT: tl.constexpr, DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+               n_heads, group, n_queries, n_keys, mask_value,
+               SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+               DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, RAW: tl.constexpr,
                PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr,
                HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -68,18 +83,18 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
     offs_dv = tl.arange(0, HEAD_DV)
     shift = n_keys - n_queries
     n_stats = tl.num_programs(1).to(tl.int64) * n_queries
-    # load q, dO, row stats, delta: they stay in registers throughout
+    row = (b * n_heads + h) * n_queries + i
+    row_max, log_sum = _row_stats(Stats, row, n_stats, i < n_queries, True)
+    # delta = rowsum(dO * O), O contiguous; 0 on rows that saw no key (row_max +inf here; their O is NaN or 0)
+    delta = _row_dot(Out + row[:, None] * DV, dO + b * sdb + h * sdh + i[:, None] * sdm, i[:, None] < n_queries,
+                     DV, HEAD_DV)
+    delta = tl.where(row_max == float("inf"), 0.0, delta)
+    tl.store(Delta + row, delta, mask=i < n_queries)
+    # load q and dO: they stay in registers throughout
     q_valid = (i[:, None] < n_queries) & (offs_d[None, :] < D)
     q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + offs_d[None, :], mask=q_valid, other=0.0)
     do = tl.load(dO + b * sdb + h * sdh + i[:, None] * sdm + offs_dv[None, :],
                  mask=(i[:, None] < n_queries) & (offs_dv[None, :] < DV), other=0.0)
-    row = (b * n_heads + h) * n_queries + i
-    row_max, log_sum = _row_stats(Stats, row, n_stats, i < n_queries, True)
-    # delta = rowsum(dO * O), O contiguous; 0 on rows that saw no key (row_max +inf here; their O is NaN or 0)
-    o = tl.load(Out + row[:, None] * DV + offs_dv[None, :], mask=(i[:, None] < n_queries) & (offs_dv[None, :] < DV),
-                other=0.0)
-    delta = tl.where(row_max == float("inf"), 0.0, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1))
-    tl.store(Delta + row, delta, mask=i < n_queries)
     ic = tl.minimum(i, n_queries - 1)
     bias_rows = Bias + b * sbb + h * sbh + ic * sbm
     mask_rows = Mask + b * smb + h * smh + ic * smm
@@ -92,8 +107,8 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
         if stage != 0 or LEFT >= 0:  # stage 0 holds blocks only under a window
             start, end = _stage(stage, lo, mid_lo, mid_hi, hi)
             dq = _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, start, end, K + b * skb + hkv * skh,
-                           V + b * svb + hkv * svh, skn, svn, bias_rows, sbn, mask_rows, smn, seed, n_keys, shift,
-                           stage != 1, SCALE, SOFTCAP, MASK_VALUE, LEFT, RIGHT, DROPOUT_P, HAS_BIAS, HAS_MASK,
-                           PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
+                           V + b * svb + hkv * svh, skn, svn, bias_rows, sbn, mask_rows, smn, mask_value, seed,
+                           n_keys, shift, stage != 1, RAW, SCALE, SOFTCAP, LEFT, RIGHT, DROPOUT_P, HAS_BIAS,
+                           HAS_MASK, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
     dq = dq * SCALE
     tl.store(dQ + row[:, None] * D + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=q_valid)

@@ -5,8 +5,10 @@ A score tile holds queries `i` and keys `j` as broadcastable index tensors: [BM,
 or [1, BM] and [BN, 1] for k @ q^T. The forward, dQ, dK/dV and decode kernels all build their scores here,
 so bias, mask, softcap, causal/window and dropout follow one rule everywhere.
 
-The spec reaches the kernels as constexprs (`constexprs`): SCALE, SOFTCAP, MASK_VALUE, LEFT, RIGHT (the key
-bounds of spec.key_bounds, -1 unbounded), DROPOUT_P, HAS_BIAS, HAS_MASK, and PRECISION for the dots.
+The spec reaches the kernels as constexprs (`constexprs`): SCALE, SOFTCAP, LEFT, RIGHT (the key bounds of
+spec.key_bounds, -1 unbounded), DROPOUT_P, HAS_BIAS, HAS_MASK, RAW (scores are just SCALE * q.k: no softcap,
+bias or mask, SCALE > 0, so the kernels keep raw q.k and fold SCALE * LOG2E into exp2), and PRECISION for the
+dots. The mask's fill value is a runtime argument, `mask_value` (-inf is no constexpr inductor can print).
 """
 import os
 
@@ -35,27 +37,20 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _raw(SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
-    """True when the scores are just SCALE * q.k (no softcap, bias or mask, SCALE > 0): the kernels then keep
-    them in raw q.k units and fold SCALE * LOG2E into exp2."""
-    return SOFTCAP == 0.0 and not HAS_BIAS and not HAS_MASK and SCALE > 0.0
-
-
-@triton.jit
-def _score_tile(qk, i, j, n_keys, shift, bias_ptrs, mask_ptrs, MASKED: tl.constexpr,
-                SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASK_VALUE: tl.constexpr, LEFT: tl.constexpr,
-                RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
+def _score_tile(qk, i, j, n_keys, shift, bias_ptrs, mask_ptrs, mask_value, MASKED: tl.constexpr, RAW: tl.constexpr,
+                SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     """Scores of one tile from qk = q . k (fp32). Returns (s, t, keep).
 
-    s: the scores; in raw q.k units when `_raw` (the caller folds SCALE into exp2), else SCALE * q.k,
-       softcapped, plus bias, MASK_VALUE where the mask hides a key.
+    s: the scores; in raw q.k units when RAW (the caller folds SCALE into exp2), else SCALE * q.k,
+       softcapped, plus bias, mask_value where the mask hides a key.
     t: tanh of the softcap (for its gradient); keep: the mask tile (for the gradient of hidden scores).
     bias_ptrs / mask_ptrs: pointers of this tile's bias / mask elements (their query rows clamped in range).
     MASKED: the tile may cross the key bound, the causal diagonal or the window; else every key is visible.
     """
     t = qk
     keep = qk
-    if _raw(SCALE, SOFTCAP, HAS_BIAS, HAS_MASK):
+    if RAW:
         s = qk
     else:
         s = qk * SCALE
@@ -72,7 +67,7 @@ def _score_tile(qk, i, j, n_keys, shift, bias_ptrs, mask_ptrs, MASKED: tl.conste
                 keep = tl.load(mask_ptrs, mask=j < n_keys, other=1) != 0
             else:
                 keep = tl.load(mask_ptrs) != 0
-            s = tl.where(keep, s, MASK_VALUE)
+            s = tl.where(keep, s, mask_value)
     if MASKED:
         # bottom-right aligned: query i faces key i + shift (shift = Nk - Nq); hidden keys get -inf
         visible = j < n_keys
@@ -85,11 +80,10 @@ def _score_tile(qk, i, j, n_keys, shift, bias_ptrs, mask_ptrs, MASKED: tl.conste
 
 
 @triton.jit
-def _recompute_p(s, row_max, log_sum, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_MASK: tl.constexpr):
+def _recompute_p(s, row_max, log_sum, RAW: tl.constexpr, SCALE: tl.constexpr):
     """p = exp(s - max - log_sum) from the forward's row stats, broadcast as s is (row_max / log_sum already
     expanded along the key axis). Raw scores take the scale here."""
-    if _raw(SCALE, SOFTCAP, HAS_BIAS, HAS_MASK):
+    if RAW:
         return tl.exp2(s * (SCALE * LOG2E) - (row_max + log_sum) * LOG2E)
     return tl.exp2((s - row_max) * LOG2E - log_sum * LOG2E)
 
@@ -182,9 +176,9 @@ def _keep_mask_kernel(Seed, Keep, n_keys, DROPOUT_P: tl.constexpr, BLOCK: tl.con
 def constexprs(spec, bias, mask, dtype):
     """The spec as the kernels' constexprs (the names the kernels' signatures share)."""
     left, right = spec.key_bounds()
-    return dict(SCALE=spec.scale, SOFTCAP=spec.softcap, MASK_VALUE=spec.mask_value, LEFT=left, RIGHT=right,
-                DROPOUT_P=spec.dropout_p, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-                PRECISION=precision(dtype))
+    raw = bias is None and mask is None and not spec.softcap and spec.scale > 0
+    return dict(SCALE=spec.scale, SOFTCAP=spec.softcap, LEFT=left, RIGHT=right, DROPOUT_P=spec.dropout_p,
+                HAS_BIAS=bias is not None, HAS_MASK=mask is not None, RAW=raw, PRECISION=precision(dtype))
 
 
 def precision(dtype):

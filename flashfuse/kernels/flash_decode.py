@@ -20,10 +20,10 @@ MAX_QUERIES = 16
 @triton.jit
 def _decode_split_kernel(Q, K, V, Bias, Mask, Seed, OPart, MPart, LPart,
                          sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
-                         n_heads, group, n_queries, n_keys, chunk,
-                         SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASK_VALUE: tl.constexpr, LEFT: tl.constexpr,
-                         RIGHT: tl.constexpr, DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                         n_heads, group, n_queries, n_keys, chunk, mask_value,
+                         SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+                         DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                         RAW: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -59,10 +59,10 @@ def _decode_split_kernel(Q, K, V, Bias, Mask, Seed, OPart, MPart, LPart,
     acc = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, i, row, lo, hi, K + b * skb + hkv * skh, V + b * svb + hkv * svh,
                                skn, svn, Bias + b * sbb + h * sbh + i * sbm, sbn, Mask + b * smb + h * smh + i * smm,
-                               smn, seed, n_keys, shift, True, SCALE, SOFTCAP, MASK_VALUE, LEFT, RIGHT, DROPOUT_P,
-                               HAS_BIAS, HAS_MASK, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
+                               smn, mask_value, seed, n_keys, shift, True, RAW, SCALE, SOFTCAP, LEFT, RIGHT,
+                               DROPOUT_P, HAS_BIAS, HAS_MASK, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
     # partials stay unscaled by dropout and keep empty rows as NaN: the combine kernel applies both
-    out, m_i, log_sum = _fwd_epilogue(acc, l_i, m_i, SCALE, SOFTCAP, HAS_BIAS, HAS_MASK, 0.0, False)
+    out, m_i, log_sum = _fwd_epilogue(acc, l_i, m_i, RAW, SCALE, 0.0, False)
     total_rows = tl.num_programs(1).to(tl.int64) * group * n_queries
     part = split.to(tl.int64) * total_rows + row
     valid = r < n_rows
@@ -139,7 +139,7 @@ def forward(q, k, v, bias, mask, seed, spec, launch):
     launch(_decode_split_kernel, (splits, b * hkv, m_tiles))(
         q, k, v, q if bias is None else bias, q if mask is None else mask, q if seed is None else seed,
         o_part, m_part, l_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *broadcast_strides(bias),
-        *broadcast_strides(mask), hq, group, nq, nk, chunk, **constexprs(spec, bias, mask, q.dtype),
+        *broadcast_strides(mask), hq, group, nq, nk, chunk, spec.mask_value, **constexprs(spec, bias, mask, q.dtype),
         D=d, DV=dv, HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_M=block_m, BLOCK_N=block_n, **cfg)
     out = torch.empty((b, hq, nq, dv), dtype=q.dtype, device=q.device)
     stats = torch.empty((2, b, hq, nq), dtype=torch.float32, device=q.device)

@@ -14,7 +14,6 @@ from flashfuse.kernels.flash_common import (
     _band,
     _dot,
     _dropout_keep,
-    _raw,
     _score_tile,
     _stage,
     broadcast_strides,
@@ -23,8 +22,8 @@ from flashfuse.kernels.flash_common import (
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, i, row, lo, hi, K, V, skn, svn, bias_rows, sbn, mask_rows, smn, seed, n_keys, shift,
-               MASKED: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASK_VALUE: tl.constexpr,
+def _fwd_inner(acc, l_i, m_i, q, i, row, lo, hi, K, V, skn, svn, bias_rows, sbn, mask_rows, smn, mask_value, seed,
+               n_keys, shift, MASKED: tl.constexpr, RAW: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
                LEFT: tl.constexpr, RIGHT: tl.constexpr, DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr,
                HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -33,7 +32,6 @@ def _fwd_inner(acc, l_i, m_i, q, i, row, lo, hi, K, V, skn, svn, bias_rows, sbn,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
-    RAW: tl.constexpr = _raw(SCALE, SOFTCAP, HAS_BIAS, HAS_MASK)
     # -inf can reach the running max only in masked tiles, or through a bias / finite-mask row
     SAFE: tl.constexpr = MASKED or HAS_BIAS or HAS_MASK
     for start in tl.range(lo, hi, BLOCK_N):
@@ -49,7 +47,7 @@ def _fwd_inner(acc, l_i, m_i, q, i, row, lo, hi, K, V, skn, svn, bias_rows, sbn,
             kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)
         qk = _dot(q, kt, None, PRECISION)
         s, _t, _keep = _score_tile(qk, i[:, None], j[None, :], n_keys, shift, bias_rows[:, None] + j[None, :] * sbn,
-                                   mask_rows[:, None] + j[None, :] * smn, MASKED, SCALE, SOFTCAP, MASK_VALUE,
+                                   mask_rows[:, None] + j[None, :] * smn, mask_value, MASKED, RAW, SCALE, SOFTCAP,
                                    LEFT, RIGHT, HAS_BIAS, HAS_MASK)
         # -- online softmax ----
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -80,8 +78,8 @@ def _fwd_inner(acc, l_i, m_i, q, i, row, lo, hi, K, V, skn, svn, bias_rows, sbn,
 
 
 @triton.jit
-def _fwd_epilogue(acc, l_i, m_i, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HAS_MASK: tl.constexpr, DROPOUT_P: tl.constexpr, EMPTY_ZERO: tl.constexpr):
+def _fwd_epilogue(acc, l_i, m_i, RAW: tl.constexpr, SCALE: tl.constexpr, DROPOUT_P: tl.constexpr,
+                  EMPTY_ZERO: tl.constexpr):
     """(out, row max in score units, log-sum). A row that saw no key has l = 0 and m = -inf: its out is
     0 / 0 = NaN as the formula gives, or 0 with EMPTY_ZERO."""
     out = acc / l_i[:, None]
@@ -89,7 +87,7 @@ def _fwd_epilogue(acc, l_i, m_i, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS
         out = tl.where(l_i[:, None] == 0.0, 0.0, out)
     if DROPOUT_P > 0.0:
         out = out * (1.0 / (1.0 - DROPOUT_P))
-    if _raw(SCALE, SOFTCAP, HAS_BIAS, HAS_MASK):
+    if RAW:
         m_i = m_i * SCALE
     return out, m_i, tl.log(l_i)
 
@@ -97,9 +95,9 @@ def _fwd_epilogue(acc, l_i, m_i, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, HAS
 @triton.jit
 def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Stats,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
-                n_heads, group, n_queries, n_keys,
-                SCALE: tl.constexpr, SOFTCAP: tl.constexpr, MASK_VALUE: tl.constexpr, LEFT: tl.constexpr,
-                RIGHT: tl.constexpr, DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                n_heads, group, n_queries, n_keys, mask_value,
+                SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+                DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, RAW: tl.constexpr,
                 EMPTY_ZERO: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -133,10 +131,10 @@ def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Stats,
         if stage != 0 or LEFT >= 0:  # stage 0 holds blocks only under a window
             start, end = _stage(stage, lo, mid_lo, mid_hi, hi)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, i, row, start, end, K + b * skb + hkv * skh,
-                                       V + b * svb + hkv * svh, skn, svn, bias_rows, sbn, mask_rows, smn, seed,
-                                       n_keys, shift, stage != 1, SCALE, SOFTCAP, MASK_VALUE, LEFT, RIGHT,
-                                       DROPOUT_P, HAS_BIAS, HAS_MASK, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
-    out, m_i, log_sum = _fwd_epilogue(acc, l_i, m_i, SCALE, SOFTCAP, HAS_BIAS, HAS_MASK, DROPOUT_P, EMPTY_ZERO)
+                                       V + b * svb + hkv * svh, skn, svn, bias_rows, sbn, mask_rows, smn, mask_value,
+                                       seed, n_keys, shift, stage != 1, RAW, SCALE, SOFTCAP, LEFT, RIGHT, DROPOUT_P,
+                                       HAS_BIAS, HAS_MASK, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
+    out, m_i, log_sum = _fwd_epilogue(acc, l_i, m_i, RAW, SCALE, DROPOUT_P, EMPTY_ZERO)
     o_ptrs = Out + pid_bh.to(tl.int64) * n_queries * DV + i[:, None] * DV + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(i[:, None] < n_queries) & (offs_dv[None, :] < DV))
     # stats (2, B, Hq, Nq): the row max and the log-sum apart (a max near -3.4e38 would swallow the log-sum)
@@ -170,6 +168,7 @@ def forward(q, k, v, bias, mask, seed, spec, launch):
     launch(_fwd_kernel, grid)(
         q, k, v, q if bias is None else bias, q if mask is None else mask, q if seed is None else seed, out, stats,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *broadcast_strides(bias), *broadcast_strides(mask),
-        hq, hq // hkv, nq, nk, **constexprs(spec, bias, mask, q.dtype), EMPTY_ZERO=spec.empty_rows == "zero",
+        hq, hq // hkv, nq, nk, spec.mask_value, **constexprs(spec, bias, mask, q.dtype),
+        EMPTY_ZERO=spec.empty_rows == "zero",
         D=d, DV=dv, HEAD_D=head_d, HEAD_DV=head_dv, **cfg)
     return out, stats
