@@ -89,6 +89,21 @@ def measure(attention, b, hq, hkv, nq, nk, d, causal):
     return result
 
 
+def kernel_times(attention, b, hq, hkv, nq, nk, d, causal, calls=5):
+    """{kernel name: GPU us per forward + backward call}."""
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
+    out = attention(q, k, v, causal=causal)
+    dout = torch.randn_like(out)
+    torch.autograd.grad(out, (q, k, v), dout)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            torch.autograd.grad(attention(q, k, v, causal=causal), (q, k, v), dout)
+        torch.cuda.synchronize()
+    return {e.key[:40]: e.self_device_time_total / calls for e in prof.key_averages() if e.self_device_time_total > 0}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("commit", help="a commit, or a folder written by --prepare")
@@ -96,6 +111,7 @@ def main():
     parser.add_argument("--prepare", action="store_true", help="only write the old package into `folder`")
     parser.add_argument("--shapes", default="", help="only shapes whose name contains this")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--kernels", action="store_true", help="also each side's GPU time per kernel")
     args = parser.parse_args()
     if args.prepare:
         return prepare(args.commit, args.folder)
@@ -121,6 +137,10 @@ def main():
             else:
                 cells.append("")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        if args.kernels and shape[3] > 1:
+            for side, module in (("old", old), ("new", flashfuse)):
+                times = sorted(kernel_times(module.attention, *shape).items(), key=lambda item: -item[1])
+                print(f"    {side}: " + ", ".join(f"{kernel} {us:.0f} us" for kernel, us in times))
 
 
 if __name__ == "__main__":

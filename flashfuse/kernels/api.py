@@ -1,4 +1,10 @@
-"""`flashfuse.attention`: the validated public entry point to the op."""
+"""`flashfuse.attention`: the validated public entry point to the op.
+
+Under torch.compile, with tensor subclasses or with a dispatch mode active it calls the op
+(`torch.ops.flashfuse.fwd`), which every PyTorch subsystem understands. Otherwise (plain tensors, eager) it calls
+the implementation directly through a small autograd.Function: the same kernels and results, without
+torch.library's Python dispatch layers (tens of microseconds per call, which short attention calls notice).
+"""
 from typing import Optional
 
 import torch
@@ -47,8 +53,43 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
                          softcap=0.0 if softcap is None else _scalar(softcap), dropout_p=dropout_p)
     if spec.softcap == 0.0 and softcap is not None:
         raise ValueError("softcap must be positive (None for no softcap), got 0")
-    out, _ = op.call(q, k, v, spec, bias, mask)
-    return out
+    if not _direct_ok(q, k, v, bias, mask):
+        return op.call(q, k, v, spec, bias, mask)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
+        return _Attention.apply(q, k, v, bias, mask, spec)
+    return _forward(q, k, v, bias, mask, spec)[0]
+
+
+def _direct_ok(*tensors):
+    """Plain tensors, no compilation, no Python dispatch or function mode: nothing the op's dispatch would add."""
+    return (not torch.compiler.is_compiling() and all(t is None or type(t) is Tensor for t in tensors)
+            and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0)
+
+
+def _forward(q, k, v, bias, mask, spec):
+    name, impl = op._implementation(q)
+    op.CALLS[name] += 1
+    seed = op.new_seed(q) if spec.dropout_p else None
+    out, stats = impl.forward(q, k, v, bias, mask, seed, spec)
+    return out, stats, seed, impl
+
+
+class _Attention(torch.autograd.Function):
+    """The op's autograd (op.py) for eager calls on plain tensors, without the dispatcher round trips."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, spec):
+        out, stats, seed, impl = _forward(q, k, v, bias, mask, spec)
+        ctx.spec, ctx.impl = spec, impl
+        ctx.save_for_backward(q, k, v, bias, mask, seed, out, stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, bias, mask, seed, out, stats = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = ctx.impl.backward(dout, q, k, v, bias, mask, seed, out, stats, ctx.spec, bias_grad)
+        return dq, dk, dv, dbias, None, None
 
 
 def _validate_qkv(q, k, v):

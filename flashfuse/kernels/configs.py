@@ -26,6 +26,16 @@ FIXED = {
 }
 
 
+def cdiv(a, b):
+    """ceil(a / b) in plain Python (triton.cdiv goes through Triton's constexpr machinery: microseconds a call)."""
+    return -(-a // b)
+
+
+def pow2(n):
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (int(n) - 1).bit_length()
+
+
 def default(kind, head_d):
     """The launch config (a fresh dict) of kernel `kind` for a padded head dim."""
     if INTERPRET:

@@ -115,7 +115,7 @@ def _splits(n_programs, n_blocks, device):
     if configs.INTERPRET or device.type != "cuda":
         return min(n_blocks, 3)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(n_blocks, triton.cdiv(2 * sms, n_programs), 128))
+    return max(1, min(n_blocks, configs.cdiv(2 * sms, n_programs), 128))
 
 
 def forward(q, k, v, bias, mask, seed, spec, launch):
@@ -126,12 +126,12 @@ def forward(q, k, v, bias, mask, seed, spec, launch):
     head_d, head_dv = head_pad(d), head_pad(dv)
     cfg = configs.default("decode", max(head_d, head_dv))
     block_n = cfg.pop("BLOCK_N")
-    block_m = max(16, min(64, triton.next_power_of_2(group * nq)))
-    m_tiles = triton.cdiv(group * nq, block_m)
-    n_blocks = max(1, triton.cdiv(nk, block_n))
+    block_m = max(16, min(64, configs.pow2(group * nq)))
+    m_tiles = configs.cdiv(group * nq, block_m)
+    n_blocks = max(1, configs.cdiv(nk, block_n))
     splits = _splits(b * hkv * m_tiles, n_blocks, q.device)
-    chunk = triton.cdiv(n_blocks, splits) * block_n
-    splits = max(1, triton.cdiv(nk, chunk))
+    chunk = configs.cdiv(n_blocks, splits) * block_n
+    splits = max(1, configs.cdiv(nk, chunk))
     total_rows = b * hq * nq
     o_part = torch.empty((splits, total_rows, dv), dtype=torch.float32, device=q.device)
     m_part = torch.empty((splits, total_rows), dtype=torch.float32, device=q.device)
@@ -145,5 +145,5 @@ def forward(q, k, v, bias, mask, seed, spec, launch):
     stats = torch.empty((2, b, hq, nq), dtype=torch.float32, device=q.device)
     launch(_decode_combine_kernel, (total_rows,))(
         o_part, m_part, l_part, out, stats, splits, DROPOUT_P=spec.dropout_p, EMPTY_ZERO=spec.empty_rows == "zero",
-        DV=dv, HEAD_DV=head_dv, SPLITS=triton.next_power_of_2(splits))
+        DV=dv, HEAD_DV=head_dv, SPLITS=configs.pow2(splits))
     return out, stats

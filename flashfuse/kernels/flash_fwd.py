@@ -148,7 +148,7 @@ def head_pad(d):
     """Padded tile width of a head dim. On GPUs at least 64: Triton 3.6's Hopper wgmma path read shared memory
     out of bounds (illegal address) with a 32-wide V tile (d 40 / dv 24 on an H200); masked loads keep the
     padding at zero, so only its arithmetic is wasted."""
-    return max(16 if configs.INTERPRET else 64, triton.next_power_of_2(d))
+    return max(16 if configs.INTERPRET else 64, configs.pow2(d))
 
 
 def unit_last_stride(t):
@@ -164,7 +164,7 @@ def forward(q, k, v, bias, mask, seed, spec, launch):
     stats = torch.empty((2, b, hq, nq), dtype=torch.float32, device=q.device)
     head_d, head_dv = head_pad(d), head_pad(dv)
     cfg = configs.default("fwd", max(head_d, head_dv))
-    grid = (triton.cdiv(nq, cfg["BLOCK_M"]), b * hq)
+    grid = (configs.cdiv(nq, cfg["BLOCK_M"]), b * hq)
     launch(_fwd_kernel, grid)(
         q, k, v, q if bias is None else bias, q if mask is None else mask, q if seed is None else seed, out, stats,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *broadcast_strides(bias), *broadcast_strides(mask),
