@@ -34,6 +34,8 @@ _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
 CASES = {
     "plain d64": (2, 4, 4, 300, 300, 64, torch.bfloat16, {}, None, None),
     "causal d128": (2, 4, 4, 300, 300, 128, torch.bfloat16, dict(causal=True), None, None),
+    "plain d128": (2, 4, 4, 300, 300, 128, torch.bfloat16, {}, None, None),
+    "aligned d128 4k": (1, 2, 2, 4096, 4096, 128, torch.bfloat16, {}, None, None),
     "window gqa d128": (2, 8, 2, 300, 300, 128, torch.bfloat16, dict(window=(64, 0)), None, None),
     "bias grad d64": (2, 4, 4, 300, 300, 64, torch.bfloat16, {}, (2, 1, 300, 300), None),
     "bias bcast mask softcap d64": (2, 4, 4, 300, 300, 64, torch.bfloat16, dict(softcap=30.0, mask_value=-1e9),
@@ -69,8 +71,10 @@ def launches(b, hq, hkv, nq, nk, d, dtype, fields, bias_shape, mask_shape):
 
 
 def signature(kernel, args, kwargs):
+    """(signature, constexprs, attributes, options) as Triton's launcher would specialize them: ints equal to 1
+    become constexprs, pointers and ints divisible by 16 are marked so."""
     names = list(kernel.arg_names)
-    sig, constants = {}, {}
+    sig, constants, attrs = {}, {}, {}
     options = {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
     values = dict(zip(names, args)) | {key: val for key, val in kwargs.items() if key not in options}
     for index, name in enumerate(names):
@@ -80,13 +84,20 @@ def signature(kernel, args, kwargs):
             constants[name] = value
         elif isinstance(value, torch.Tensor):
             sig[name] = "*" + _TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch's allocations are 16-byte aligned
         elif isinstance(value, bool):
             sig[name] = "i1"
         elif isinstance(value, int):
-            sig[name] = "i64" if abs(value) >= 2**31 else "i32"
+            if value == 1:
+                sig[name] = "constexpr"
+                constants[name] = 1
+            else:
+                sig[name] = "i64" if abs(value) >= 2**31 else "i32"
+                if value % 16 == 0:
+                    attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32"
-    return sig, constants, options
+    return sig, constants, attrs, options
 
 
 def resources(compiled):
@@ -113,15 +124,20 @@ def main():
         if args.only not in name:
             continue
         for kernel, kargs, kwargs in launches(*case):
-            sig, constants, options = signature(kernel, kargs, kwargs)
+            sig, constants, attrs, options = signature(kernel, kargs, kwargs)
             start = time.time()
             try:
-                compiled = triton.compile(ASTSource(kernel, sig, constants), target=target, options=options)
+                compiled = triton.compile(ASTSource(kernel, sig, constants, attrs), target=target, options=options)
             except Exception as exc:
                 failed += 1
                 print(f"FAIL {name:<28} {kernel.fn.__name__:<22} {type(exc).__name__}: {str(exc)[:2000]}")
                 continue
             meta = compiled.metadata
+            if os.environ.get("FLASHFUSE_DUMP"):
+                for ir in ("ttgir", "ptx", "cubin"):
+                    with open(os.path.join(os.environ["FLASHFUSE_DUMP"], f"{kernel.fn.__name__}.{ir}"),
+                              "wb" if ir == "cubin" else "w") as f:
+                        f.write(compiled.asm[ir])
             regs, stack = resources(compiled)
             print(f"ok   {name:<28} {kernel.fn.__name__:<22} regs {regs:>3} stack {stack:>4} smem {meta.shared:>6} "
                   f"warps {meta.num_warps} stages {meta.num_stages} {time.time() - start:5.1f}s", flush=True)

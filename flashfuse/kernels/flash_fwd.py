@@ -127,13 +127,12 @@ def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Stats,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
     lo, mid_lo, mid_hi, hi = _band(m0, n_keys, shift, LEFT, RIGHT, BLOCK_M, BLOCK_N)
-    for stage in tl.static_range(3):
-        if stage != 0 or LEFT >= 0:  # stage 0 holds blocks only under a window
-            start, end = _stage(stage, lo, mid_lo, mid_hi, hi)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, i, row, start, end, K + b * skb + hkv * skh,
-                                       V + b * svb + hkv * svh, skn, svn, bias_rows, sbn, mask_rows, smn, mask_value,
-                                       seed, n_keys, shift, stage != 1, RAW, SCALE, SOFTCAP, LEFT, RIGHT, DROPOUT_P,
-                                       HAS_BIAS, HAS_MASK, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
+    for stage in tl.static_range(3):  # stage 0 holds blocks only under a window (see flash_bwd on keeping it)
+        start, end = _stage(stage, lo, mid_lo, mid_hi, hi)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, i, row, start, end, K + b * skb + hkv * skh,
+                                   V + b * svb + hkv * svh, skn, svn, bias_rows, sbn, mask_rows, smn, mask_value,
+                                   seed, n_keys, shift, stage != 1, RAW, SCALE, SOFTCAP, LEFT, RIGHT, DROPOUT_P,
+                                   HAS_BIAS, HAS_MASK, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
     out, m_i, log_sum = _fwd_epilogue(acc, l_i, m_i, RAW, SCALE, DROPOUT_P, EMPTY_ZERO)
     o_ptrs = Out + pid_bh.to(tl.int64) * n_queries * DV + i[:, None] * DV + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(i[:, None] < n_queries) & (offs_dv[None, :] < DV))
