@@ -50,14 +50,17 @@ def host_ms(fn, calls=20):
 
 
 def machine():
-    """The top-level fields of a results file."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = ""
+    """The top-level fields of a results file. The commit: $FLASHFUSE_COMMIT when set (a copied tree's .git,
+    if any, may be older than its files), else git's HEAD."""
+    commit = os.environ.get("FLASHFUSE_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except OSError:
+            commit = ""
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "commit": commit or os.environ.get("FLASHFUSE_COMMIT", "unknown"),
+            "commit": commit or "unknown",
             "date": datetime.date.today().isoformat()}
 
 

@@ -26,7 +26,7 @@ def forward(q, k, v, bias, mask, seed, spec, launch=direct):
     if q.dtype == torch.float64:
         return cpu.forward(q, k, v, bias, mask, seed, spec)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-    seed = seed if spec.dropout_p else None
+    seed = seed if spec.random else None
     if flash_decode.suits(q, k):
         return flash_decode.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch)
     return flash_fwd.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch)
@@ -37,5 +37,5 @@ def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launc
     if q.dtype == torch.float64:
         return cpu.backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad)
     q, k, v, dout = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), unit_last_stride(dout)
-    seed = seed if spec.dropout_p else None
+    seed = seed if spec.random else None
     return flash_bwd.backward(dout, q, k, v, bias, as_bytes(mask), seed, out, stats, spec, bias_grad, launch)

@@ -3,7 +3,7 @@
     torch.ops.flashfuse.fwd(q, k, v, bias, mask, seed, spec) -> (out, stats)
     torch.ops.flashfuse.bwd(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad) -> (dq, dk, dv, dbias)
 
-bias, mask and seed are optional tensors (seed: int64 (1,), drawn by `new_seed`, when spec.dropout_p > 0);
+bias, mask and seed are optional tensors (seed: int64 (1,), drawn by `new_seed`, when spec.random);
 stats (2, B, Hq, Nq) holds each row's max score and log-sum (cpu.py says why both). dbias is empty unless
 bias_grad. `fwd` has autograd, so graphs that call it train.
 
@@ -114,7 +114,7 @@ def new_seed(like: Tensor) -> Tensor:
 
 def call(q, k, v, spec: AttentionSpec, bias=None, mask=None):
     """Run the op for a spec: draws the dropout seed, returns (out, stats)."""
-    seed = new_seed(q) if spec.dropout_p else None
+    seed = new_seed(q) if spec.random else None
     return torch.ops.flashfuse.fwd(q, k, v, bias, mask, seed, spec.encode())
 
 

@@ -77,6 +77,11 @@ class AttentionSpec:
             right = 0 if right < 0 else min(right, 0)
         return left, right
 
+    @property
+    def random(self):
+        """True when the site draws random numbers (dropout): the op then takes a seed tensor."""
+        return self.dropout_p > 0.0
+
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 

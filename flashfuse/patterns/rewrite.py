@@ -182,7 +182,7 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
     full = (shape_of(q)[0], shape_of(q)[1], shape_of(q)[2], shape_of(k)[2])
     bias = _combined_bias(b, plan, full)
     mask = _combined_mask(b, plan, full)
-    seed = b(flash_op.new_seed, q) if plan.spec.dropout_p else None
+    seed = b(flash_op.new_seed, q) if plan.spec.random else None
     fused = b(torch.ops.flashfuse.fwd.default, q, k, v, bias, mask, seed, plan.spec.encode())
     out = b(operator.getitem, fused, 0)
     want = meta(plan.output)
