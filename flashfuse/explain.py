@@ -24,6 +24,12 @@ class Report:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         lines.append(f"{self.rewritten} of {len(self.sites)} attention sites rewritten")
+        others = {}
+        for s in self.sites:
+            if s.rewritten and s.path[0] != "triton":
+                others.setdefault(s.path, []).append(s.node)
+        for (name, why), nodes in others.items():
+            lines.append(f"{len(nodes)} of them run the {name} path, not the Triton kernels: {why}")
         return "\n".join(lines)
 
 

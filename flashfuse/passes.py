@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from flashfuse.kernels import op as flash_op
 from flashfuse.kernels.spec import AttentionSpec
 from flashfuse.patterns import rewrite
 from flashfuse.patterns.inplace import functionalize_inplace
@@ -29,6 +30,7 @@ class Site:
     spec: Optional[AttentionSpec] = None  # what the matcher proved (set once a plan is found)
     operands: dict = field(default_factory=dict)  # bias, mask, gqa, runtime_scale (Plan.operands)
     shape: Optional[tuple] = None
+    path: tuple = ("triton", "")  # (implementation the op will run, why when it is not the Triton kernels)
 
     def describe(self):
         """The spec and operands in short text, e.g. `scale=0.125 causal bias gqa=4`."""
@@ -66,6 +68,7 @@ def _rewrite(gm, sdpa):
         try:
             plan = match_softmax(node) if op.kind == "softmax" else sdpa_plan(node)
             site.spec, site.operands = plan.spec, plan.operands()
+            site.path = _path(plan)
             rewrite.apply(gm.graph, plan)
             site.rewritten = True
             log.info("flashfuse: rewrote %s %s as %s", op.kind, node.name, site.describe())
@@ -77,6 +80,13 @@ def _rewrite(gm, sdpa):
             log.warning("flashfuse: left %s %s as it was after an internal error: %r", op.kind, node.name, exc)
         sites.append(site)
     return sites
+
+
+def _path(plan):
+    q, v = plan.q.node.meta.get("example_value"), plan.v.node.meta.get("example_value")
+    if not isinstance(q, torch.Tensor) or not isinstance(v, torch.Tensor):
+        return ("triton", "")
+    return flash_op.path(q, v)
 
 
 def _shape(node):

@@ -24,7 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from flashfuse.kernels import flash  # noqa: E402
+from flashfuse.kernels import configs, flash  # noqa: E402
 from flashfuse.kernels.spec import AttentionSpec  # noqa: E402
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
@@ -133,6 +133,11 @@ def main():
                 print(f"FAIL {name:<28} {kernel.fn.__name__:<22} {type(exc).__name__}: {str(exc)[:2000]}")
                 continue
             meta = compiled.metadata
+            limit = configs.SHARED_MEMORY.get(args.arch)
+            if limit is not None and meta.shared > limit:
+                failed += 1
+                print(f"FAIL {name:<28} {kernel.fn.__name__:<22} shared memory {meta.shared} > {limit}")
+                continue
             if os.environ.get("FLASHFUSE_DUMP"):
                 for ir in ("ttgir", "ptx", "cubin"):
                     with open(os.path.join(os.environ["FLASHFUSE_DUMP"], f"{kernel.fn.__name__}.{ir}"),

@@ -112,6 +112,14 @@ def test_explain_reports_every_site_with_reasons():
     assert "1 of 2 attention sites rewritten" in text and "returned" in text
 
 
+def test_explain_names_a_path_that_is_not_the_kernels():
+    fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.05, -1) @ v  # noqa: E731
+    q = torch.randn(1, 2, 9, 512)
+    report = flashfuse.explain(fn, q, q, q)
+    assert report.sites[0].rewritten and report.sites[0].path[0] == "cpu"
+    assert "head dim 512" in str(report)
+
+
 def test_backend_is_registered_by_name():
     from torch._dynamo import list_backends
     assert "flashfuse" in list_backends(exclude_tags=())

@@ -261,6 +261,40 @@ def test_cpu_path_crosses_key_blocks():
     check("cpu", nq=700, nk=700, b=1, hq=2, hkv=1, d=16, causal=True)
 
 
+# -- edges: nothing to compute, shapes the kernels cannot hold ---------------------------------------------------
+
+@pytest.mark.parametrize("b,hq,nq,nk", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)])
+def test_empty_problems_give_eager_results(impl, b, hq, nq, nk):
+    """No batch, heads, queries or keys: eager's shapes, zeros (softmax over no keys times no values is 0)
+    and zero gradients, from both implementations (interpreter: the kernels are never launched)."""
+    run = IMPLEMENTATIONS[impl]
+    q, k, v = torch.randn(b, hq, nq, 16), torch.randn(b, hq, nk, 16), torch.randn(b, hq, nk, 8)
+    bias = torch.randn(1, 1, nq, nk)
+    spec = AttentionSpec(scale=0.25, causal=True)
+    out, stats = run.forward(q, k, v, bias, None, None, spec)
+    assert out.shape == (b, hq, nq, 8) and (out == 0).all() and stats.shape == (2, b, hq, nq)
+    grads = run.backward(torch.randn_like(out), q, k, v, bias, None, None, out, stats, spec, True)
+    for got, like in zip(grads, (q, k, v, bias)):
+        assert got.shape == like.shape and (got == 0).all()
+
+
+def test_head_dim_beyond_the_tiles_takes_the_blockwise_path():
+    """A head dim no kernel tile holds (512) is routed before launch to the blockwise CPU-path code."""
+    import flashfuse
+    from flashfuse.kernels import op
+    q, k, v = (torch.randn(1, 2, 20, 512, requires_grad=True) for _ in range(3))
+    assert op.path(q, v)[0] == "cpu" and "512" in op.path(q, v)[1]
+    before = dict(op.CALLS)
+    out = flashfuse.attention(q, k, v, causal=True)
+    assert op.CALLS["cpu"] == before["cpu"] + 1 and op.CALLS["triton"] == before["triton"]
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref_out, _, *ref_grads = oracle_gradients(dout, q, k, v, AttentionSpec(scale=512 ** -0.5, causal=True))
+    assert_close(out, ref_out, torch.float32, "forward", "out")
+    for t, want, name in zip((q, k, v), ref_grads, "qkv"):
+        assert_close(t.grad, want, torch.float32, "gradient", f"d{name}")
+
+
 # -- the op, end to end -----------------------------------------------------------------------------------------
 
 def test_op_autograd_runs_the_kernels():

@@ -67,7 +67,7 @@ def _direct_ok(*tensors):
 
 
 def _forward(q, k, v, bias, mask, spec):
-    name, impl = op._implementation(q)
+    name, impl = op._implementation(q, v)
     op.CALLS[name] += 1
     seed = op.new_seed(q) if spec.random else None
     out, stats = impl.forward(q, k, v, bias, mask, seed, spec)

@@ -9,6 +9,12 @@ import os
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+#: The largest head dim (of q, k or v) the kernels' tiles hold; larger ones take the blockwise CPU-path code
+#: (op.path). At 512 every config needs more than Hopper's 227 KB of shared memory (scripts/compile_kernels.py).
+MAX_HEAD_DIM = 256
+#: Shared memory a block may use on Hopper (H100, H200), for scripts/compile_kernels.py's check.
+SHARED_MEMORY = {90: 232448}
+
 #: The interpreter's config: small blocks so short test sequences still cross block edges.
 INTERPRETER = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 

@@ -9,6 +9,7 @@ rounding; the backward needs both to recompute p. A row whose every key is -inf 
 """
 import torch
 
+from flashfuse.kernels import empty
 from flashfuse.kernels.reference import repeat_kv, scores
 
 KEY_BLOCK = 512
@@ -86,6 +87,8 @@ def _empty_rows_to_zero(out, row_max, spec):
 
 def forward(q, k, v, bias, mask, seed, spec):
     """Blockwise online-softmax forward: out (B, Hq, Nq, Dv) in q's dtype and stats (2, B, Hq, Nq)."""
+    if empty.is_empty(q, k):
+        return empty.forward(q, k, v, stats_dtype(q.dtype))
     nq, nk = q.shape[2], k.shape[2]
     if _fused_ok(q, k, v, bias, mask, spec):
         qx, kx, vx, bx = _fused_args(q, k, v, bias)
@@ -119,6 +122,8 @@ def forward(q, k, v, bias, mask, seed, spec):
 
 def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad):
     """Blockwise backward, recomputing p from stats. Returns dq, dk, dv (shapes of q, k, v) and dbias or None."""
+    if empty.is_empty(q, k):
+        return empty.backward(q, k, v, bias, bias_grad)
     nq, nk = q.shape[2], k.shape[2]
     lse = stats[0] + stats[1]
     if _fused_ok(q, k, v, bias, mask, spec, bias_grad) and not bool(_saturated(lse).any()) \
@@ -132,10 +137,10 @@ def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad):
     do = dout.to(acc)
     row_max, log_sum = stats[0].to(acc)[..., None], stats[1].to(acc)[..., None]
     # rows that saw no key (max -inf) get p = 0 and delta = 0, so nothing leaks into the gradients
-    empty = torch.isneginf(row_max)
-    delta = torch.where(empty, 0.0, (do * out.to(acc)).sum(-1, keepdim=True))  # rowsum(dO * O): (B, Hq, Nq, 1)
-    row_max = torch.where(empty, torch.full_like(row_max, float("inf")), row_max)
-    log_sum = torch.where(empty, torch.zeros_like(log_sum), log_sum)
+    dead = torch.isneginf(row_max)
+    delta = torch.where(dead, 0.0, (do * out.to(acc)).sum(-1, keepdim=True))  # rowsum(dO * O): (B, Hq, Nq, 1)
+    row_max = torch.where(dead, torch.full_like(row_max, float("inf")), row_max)
+    log_sum = torch.where(dead, torch.zeros_like(log_sum), log_sum)
     kx, vx = repeat_kv(k, hq // hkv).to(acc), repeat_kv(v, hq // hkv).to(acc)
     qa = q.to(acc)
     dq = torch.zeros_like(qa)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from flashfuse.kernels import cpu
+from flashfuse.kernels import configs, cpu
 from flashfuse.kernels.spec import AttentionSpec
 
 #: How many times the op's Python implementation ran, by path. Eager calls and opaque ops count per call;
@@ -35,17 +35,32 @@ def uses_triton(t: Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def path(q: Tensor, v: Tensor) -> tuple:
+    """(implementation, why): "triton", or "cpu" (the blockwise CPU-path code, on any device) with the reason.
+
+    Decided before any launch, from device, dtype and head dims: a shape the kernels cannot hold never reaches them.
+    """
+    if not uses_triton(q):
+        return "cpu", "CPU tensors (set TRITON_INTERPRET=1 to run the Triton kernels in the interpreter)"
+    if q.dtype == torch.float64:
+        return "cpu", "float64 (the kernels accumulate in fp32)"
+    head = max(q.shape[-1], v.shape[-1])
+    if head > configs.MAX_HEAD_DIM:
+        return "cpu", f"head dim {head} > {configs.MAX_HEAD_DIM}, more than the kernels' tiles hold"
+    return "triton", ""
+
+
 def _traceable(kernel, grid):
     return wrap_triton(kernel)[grid]
 
 
-def _visible_kernels(q):
-    """True when torch.compile should see the kernel launches: CUDA, not float64, not FLASHFUSE_OPAQUE."""
-    return q.is_cuda and q.dtype != torch.float64 and not OPAQUE
+def _visible_kernels(q, v):
+    """True when torch.compile should see the kernel launches: CUDA, the Triton path, not FLASHFUSE_OPAQUE."""
+    return q.is_cuda and path(q, v)[0] == "triton" and not OPAQUE
 
 
-def _implementation(t: Tensor):
-    if uses_triton(t):
+def _implementation(q: Tensor, v: Tensor):
+    if path(q, v)[0] == "triton":
         from flashfuse.kernels import flash
         return "triton", flash
     return "cpu", cpu
@@ -54,7 +69,7 @@ def _implementation(t: Tensor):
 @triton_op("flashfuse::fwd", mutates_args=())
 def fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], seed: Optional[Tensor],
         spec: str) -> tuple[Tensor, Tensor]:
-    if not _visible_kernels(q):
+    if not _visible_kernels(q, v):
         return torch.ops.flashfuse.opaque_fwd(q, k, v, bias, mask, seed, spec)
     from flashfuse.kernels import flash
     CALLS["triton"] += 1
@@ -65,7 +80,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[
 def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
         seed: Optional[Tensor], out: Tensor, stats: Tensor, spec: str,
         bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if not _visible_kernels(q):
+    if not _visible_kernels(q, v):
         return torch.ops.flashfuse.opaque_bwd(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad)
     from flashfuse.kernels import flash
     dq, dk, dv, dbias = flash.backward(dout, q, k, v, bias, mask, seed, out, stats, AttentionSpec.decode(spec),
@@ -76,7 +91,7 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], m
 @torch.library.custom_op("flashfuse::opaque_fwd", mutates_args=())
 def opaque_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                seed: Optional[Tensor], spec: str) -> tuple[Tensor, Tensor]:
-    name, impl = _implementation(q)
+    name, impl = _implementation(q, v)
     CALLS[name] += 1
     out, stats = impl.forward(q, k, v, bias, mask, seed, AttentionSpec.decode(spec))
     return out.contiguous(), stats.contiguous()
@@ -92,7 +107,7 @@ def _(q, k, v, bias, mask, seed, spec):
 def opaque_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                seed: Optional[Tensor], out: Tensor, stats: Tensor, spec: str,
                bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, impl = _implementation(q)
+    _, impl = _implementation(q, v)
     dq, dk, dv, dbias = impl.backward(dout, q, k, v, bias, mask, seed, out, stats, AttentionSpec.decode(spec),
                                       bias_grad)
     dbias = q.new_empty(0) if dbias is None else dbias.contiguous()
