@@ -9,6 +9,15 @@ import torch
 FORWARD = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 GRADIENT = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 TF32 = {"forward": 2e-3, "gradient": 5e-3}
+#: The float64 rule of flashfuse.testing.check_equivalence: a compiled result further from eager than the tolerance
+#: still passes when it is within FLOAT64_SLACK x max(tol x ||o||, ||eager - o||, ROUNDING_FLOOR x total) of the
+#: float64 run o (total: the norm of all gradients together).
+FLOAT64_SLACK = 2.0
+#: bf16's and fp16's eps; for float32 1e-5 (its gradient tolerance times gradients_error's floor of 1e-2): with
+#: one key per row a flash backward's dS = P * (dP - rowsum(dO * O)) cancels to rounding noise of a few 1e-6 of
+#: the gradients' scale, where eager's softmax backward gives exactly 0.
+ROUNDING_FLOOR = {torch.float32: 1e-5, torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+                  torch.float16: torch.finfo(torch.float16).eps, torch.float64: 1e-12}
 #: A gradient that is zero in exact arithmetic (a bias broadcast over keys shifts whole softmax rows) may be
 #: rounding noise up to this fraction of max|dout| x Nk.
 ZERO_GRADIENT = 1e-3

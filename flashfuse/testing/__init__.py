@@ -3,9 +3,15 @@
     from flashfuse.testing import assert_equivalent
     assert_equivalent(my_module, x, expected_sites=2)
 """
-from flashfuse.testing.equivalence import assert_equivalent, compile_and_report
+from flashfuse.testing.equivalence import (
+    UpstreamDifference,
+    Verdict,
+    assert_equivalent,
+    check_equivalence,
+    compile_and_report,
+)
 
-__all__ = ["assert_equivalent", "compile_and_report"]
+__all__ = ["assert_equivalent", "check_equivalence", "compile_and_report", "UpstreamDifference", "Verdict"]
 
 # Fuzzing (needs hypothesis, in the `test` extra): imported on first use, so assert_equivalent works without it.
 _FUZZING = {"attention_programs": "programs", "build_program": "programs", "check_program": "programs",
