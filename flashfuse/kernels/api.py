@@ -16,7 +16,7 @@ from flashfuse.kernels.spec import AttentionSpec
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, bias: Optional[Tensor] = None,
               mask: Optional[Tensor] = None, causal: bool = False, window: Optional[tuple] = None,
-              softcap: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
+              softcap: Optional[float] = None, dropout_p: float = 0.0, empty_rows: str = "nan") -> Tensor:
     r"""Fused scaled dot-product attention with the flashfuse kernels.
 
     Shape legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), Nq queries, Nk keys,
@@ -32,10 +32,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
         window: (left, right): hide keys j < i + Nk - Nq - left or j > i + Nk - Nq + right; -1 is unbounded.
         softcap: scores become softcap * tanh(scores / softcap) before the bias.
         dropout_p: dropout on the probabilities (training only: pass 0.0 in eval).
+        empty_rows: what a query that sees no key gives: "nan", as softmax over a row of -inf does, or
+            "zero", as SDPA gives.
 
     Returns:
-        (B, Hq, Nq, Dv) in q's dtype. The softmax runs in fp32. A query that sees no key gives NaN,
-        as softmax over a row of -inf does.
+        (B, Hq, Nq, Dv) in q's dtype. The softmax runs in fp32.
 
     Example::
 
@@ -50,7 +51,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     mask = _validate_broadcast("mask", mask, full, q.device, float_only=False)
     spec = AttentionSpec(scale=d ** -0.5 if scale is None else _scalar(scale), causal=causal,
                          window=(-1, -1) if window is None else window,
-                         softcap=0.0 if softcap is None else _scalar(softcap), dropout_p=dropout_p)
+                         softcap=0.0 if softcap is None else _scalar(softcap), dropout_p=dropout_p,
+                         empty_rows=empty_rows)
     if spec.softcap == 0.0 and softcap is not None:
         raise ValueError("softcap must be positive (None for no softcap), got 0")
     if not _direct_ok(q, k, v, bias, mask):
