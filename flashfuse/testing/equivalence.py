@@ -87,9 +87,8 @@ def _run(fn, inputs, leaves, seed, grad):
     wanted = [o for o in outs if o.is_floating_point() and o.requires_grad]
     if not (grad and leaves and wanted):
         return outs, []
-    generator = torch.Generator().manual_seed(seed + 1)
-    cotangents = [torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.device, o.dtype)
-                  for o in wanted]
+    generator = torch.Generator().manual_seed(seed)
+    cotangents = [torch.randn(o.shape, generator=generator).to(o.device, o.dtype) for o in wanted]
     return outs, list(torch.autograd.grad(wanted, leaves, cotangents, allow_unused=True))
 
 
