@@ -7,6 +7,8 @@ small blocks, so short test sequences still cross block edges.
 """
 import os
 
+import torch
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 #: The largest head dim (of q, k or v) the kernels' tiles hold; larger ones take the blockwise CPU-path code
@@ -30,6 +32,12 @@ FIXED = {
     "decode": ({"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
                {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
 }
+
+
+def kernels_hold(q, v):
+    """True when the Triton kernels can run this call: not float64 (they accumulate in fp32) and head dims of
+    at most MAX_HEAD_DIM (their tiles)."""
+    return q.dtype != torch.float64 and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
 
 
 def cdiv(a, b):

@@ -5,17 +5,11 @@ path's blockwise code (the kernels accumulate in fp32; their tiles hold at most 
 problems empty.py. Few queries over long keys (decode) take flash_decode.py; everything else the flash
 kernels of flash_fwd.py / flash_bwd.py.
 """
-import torch
-
 from flashfuse.kernels import configs, cpu, empty, flash_bwd, flash_decode, flash_fwd
 from flashfuse.kernels.flash_common import as_bytes, dropout_keep_mask
 from flashfuse.kernels.flash_fwd import unit_last_stride
 
 __all__ = ["forward", "backward", "dropout_keep_mask"]
-
-
-def _blockwise(q, v):
-    return q.dtype == torch.float64 or max(q.shape[-1], v.shape[-1]) > configs.MAX_HEAD_DIM
 
 
 def direct(kernel, grid):
@@ -28,7 +22,7 @@ def forward(q, k, v, bias, mask, seed, spec, launch=direct):
 
     launch(kernel, grid) returns what to call with the kernel's arguments: `direct`, or torch's
     wrap_triton so that torch.compile sees the kernels (op.py)."""
-    if _blockwise(q, v) or empty.is_empty(q, k):
+    if not configs.kernels_hold(q, v) or empty.is_empty(q, k):
         return cpu.forward(q, k, v, bias, mask, seed, spec)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     seed = seed if spec.random else None
@@ -39,7 +33,7 @@ def forward(q, k, v, bias, mask, seed, spec, launch=direct):
 
 def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch=direct):
     """dq, dk, dv (shapes and dtypes of q, k, v) and dbias (bias's shape and dtype) or None."""
-    if _blockwise(q, v) or empty.is_empty(q, k):
+    if not configs.kernels_hold(q, v) or empty.is_empty(q, k):
         return cpu.backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad)
     q, k, v, dout = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), unit_last_stride(dout)
     seed = seed if spec.random else None

@@ -42,12 +42,12 @@ def path(q: Tensor, v: Tensor) -> tuple:
     """
     if not uses_triton(q):
         return "cpu", "CPU tensors (set TRITON_INTERPRET=1 to run the Triton kernels in the interpreter)"
+    if configs.kernels_hold(q, v):
+        return "triton", ""
     if q.dtype == torch.float64:
         return "cpu", "float64 (the kernels accumulate in fp32)"
     head = max(q.shape[-1], v.shape[-1])
-    if head > configs.MAX_HEAD_DIM:
-        return "cpu", f"head dim {head} > {configs.MAX_HEAD_DIM}, more than the kernels' tiles hold"
-    return "triton", ""
+    return "cpu", f"head dim {head} > {configs.MAX_HEAD_DIM}, more than the kernels' tiles hold"
 
 
 def _traceable(kernel, grid):
