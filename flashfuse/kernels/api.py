@@ -69,10 +69,8 @@ def _direct_ok(*tensors):
 
 
 def _forward(q, k, v, bias, mask, spec):
-    name, impl = op._implementation(q, v)
-    op.CALLS[name] += 1
     seed = op.new_seed(q) if spec.random else None
-    out, stats = impl.forward(q, k, v, bias, mask, seed, spec)
+    out, stats, impl = op.run_forward(q, k, v, bias, mask, seed, spec)
     return out, stats, seed, impl
 
 

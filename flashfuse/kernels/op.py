@@ -66,6 +66,14 @@ def _implementation(q: Tensor, v: Tensor):
     return "cpu", cpu
 
 
+def run_forward(q, k, v, bias, mask, seed, spec: AttentionSpec):
+    """The forward on the implementation `path` picks, counted in CALLS: (out, stats, implementation module)."""
+    name, impl = _implementation(q, v)
+    CALLS[name] += 1
+    out, stats = impl.forward(q, k, v, bias, mask, seed, spec)
+    return out, stats, impl
+
+
 @triton_op("flashfuse::fwd", mutates_args=())
 def fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], seed: Optional[Tensor],
         spec: str) -> tuple[Tensor, Tensor]:
@@ -91,9 +99,7 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], m
 @torch.library.custom_op("flashfuse::opaque_fwd", mutates_args=())
 def opaque_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                seed: Optional[Tensor], spec: str) -> tuple[Tensor, Tensor]:
-    name, impl = _implementation(q, v)
-    CALLS[name] += 1
-    out, stats = impl.forward(q, k, v, bias, mask, seed, AttentionSpec.decode(spec))
+    out, stats, _ = run_forward(q, k, v, bias, mask, seed, AttentionSpec.decode(spec))
     return out.contiguous(), stats.contiguous()
 
 
