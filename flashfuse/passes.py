@@ -33,10 +33,17 @@ class Site:
     path: tuple = ("triton", "")  # (implementation the op will run, why when it is not the Triton kernels)
 
     def describe(self):
-        """The spec and operands in short text, e.g. `scale=0.125 causal bias gqa=4`."""
+        """The spec and operands in short text, e.g. `scale=0.125 causal key_padding gqa=4`: the mask as found is
+        `causal` / `window=(l, r)` in the spec, `key_padding` (a (B, 1, 1, Nk) mask), or a tensor with the reason
+        no structure was proven."""
         if self.spec is None:
             return ""
+        note = self.operands.get("mask_note", "")
         extra = [name for name in ("bias", "mask", "runtime_scale") if self.operands.get(name)]
+        if note == "key_padding":
+            extra = [name if name != "mask" else note for name in extra]
+        elif note:
+            extra.append(f"[mask {note}]")
         if self.operands.get("gqa", 1) > 1:
             extra.append(f"gqa={self.operands['gqa']}")
         return " ".join([self.spec.describe(), *extra])

@@ -63,7 +63,7 @@ def _out_error(actual, expected):
 
 def check(impl="triton", b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=torch.float32, causal=False,
           window=(-1, -1), bias=None, bias_dtype=None, mask=None, mask_value=NEG_INF, softcap=0.0, dropout_p=0.0,
-          layout="bhnd", scale=None, bias_grad=True, empty_rows="nan", seed=0):
+          layout="bhnd", scale=None, bias_grad=True, empty_rows="nan", fill_adds=False, seed=0):
     """Run forward and backward of one implementation and compare out, lse and every gradient with the oracle.
 
     bias / mask: the shape to broadcast from, e.g. (b, 1, 1, nk); "expand" builds a stride-0 bias.
@@ -79,9 +79,9 @@ def check(impl="triton", b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=to
         bias_t = torch.randn(1, 1, nq, nk, generator=gen).to(bias_dtype or dtype).expand(b, hq, nq, nk)
     elif bias is not None:
         bias_t = torch.randn(bias, generator=gen).to(bias_dtype or dtype)
-    mask_t = None if mask is None else torch.rand(mask, generator=gen) > 0.3
+    mask_t = mask if isinstance(mask, torch.Tensor) else None if mask is None else torch.rand(mask, generator=gen) > 0.3
     spec = AttentionSpec(scale=d ** -0.5 if scale is None else scale, softcap=softcap, mask_value=mask_value,
-                         causal=causal, window=window, dropout_p=dropout_p, empty_rows=empty_rows)
+                         causal=causal, window=window, dropout_p=dropout_p, empty_rows=empty_rows, fill_adds=fill_adds)
     seed_t = torch.tensor([1234 + seed], dtype=torch.int64) if dropout_p else None
     out, stats = run.forward(q, k, v, bias_t, mask_t, seed_t, spec)
     keep = _keep_mask(impl, seed_t, (b, hq, nq, nk), dropout_p) if dropout_p else None
@@ -253,6 +253,27 @@ def test_empty_rows_zero(impl):
     """SDPA's rule: a query that sees no key gives 0 (not NaN); its gradients stay zero."""
     out, stats, (dq, _, _, _) = check(impl, nq=50, nk=20, causal=True, empty_rows="zero", bias=(1, 2, 50, 20))
     assert (out[:, :, :30] == 0).all() and torch.isneginf(stats[0, :, :, :30]).all() and (dq[:, :, :30] == 0).all()
+
+
+@pytest.mark.parametrize("causal,window,nq,fill_adds", [
+    (True, (-1, -1), 40, False), (True, (-1, -1), 40, True), (True, (6, -1), 40, True), (False, (-1, -1), 40, False),
+    (True, (-1, -1), 3, True)])
+def test_empty_rows_average_with_key_padding(impl, causal, window, nq, fill_adds):
+    """Left and right padding as a (B, 1, 1, Nk) key mask with a finite fill under causal / window structure:
+    a query that sees no key averages v over all keys (eager's answer when one fill hides the whole row). Its
+    gradient reaches v, and with fill_adds (eager's s + fill) q and k too. Rows that see a key are plain attention."""
+    nk = 40
+    keys = torch.ones(2, 1, 1, nk, dtype=torch.bool)
+    keys[0, ..., :9] = False  # left padding: queries 0..8 see no key under causal
+    keys[1, ..., 31:] = False  # right padding
+    fill = torch.finfo(torch.float32).min
+    out, stats, (dq, dk, dv, _) = check(impl, nq=nq, nk=nk, causal=causal, window=window, mask=keys,
+                                        mask_value=fill, empty_rows="average", fill_adds=fill_adds, hkv=1,
+                                        bias=(2, 1, 1, nk))
+    if causal and nq == nk:
+        hidden = torch.isneginf(stats[0])
+        assert hidden[0, :, :9].all() and (dq[0, :, :9] == 0).all() != fill_adds
+        assert hidden[1].any() == (window != (-1, -1))  # right padding hides a whole window only
 
 
 def test_cpu_path_crosses_key_blocks():

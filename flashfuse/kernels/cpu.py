@@ -9,7 +9,7 @@ rounding; the backward needs both to recompute p. A row whose every key is -inf 
 """
 import torch
 
-from flashfuse.kernels import empty
+from flashfuse.kernels import empty, hidden_rows
 from flashfuse.kernels.reference import repeat_kv, scores
 
 KEY_BLOCK = 512
@@ -87,6 +87,11 @@ def _empty_rows_to_zero(out, row_max, spec):
 
 def forward(q, k, v, bias, mask, seed, spec):
     """Blockwise online-softmax forward: out (B, Hq, Nq, Dv) in q's dtype and stats (2, B, Hq, Nq)."""
+    out, stats = _forward(q, k, v, bias, mask, seed, spec)
+    return hidden_rows.finish_forward(out, stats, v, spec) if not empty.is_empty(q, k) else (out, stats)
+
+
+def _forward(q, k, v, bias, mask, seed, spec):
     if empty.is_empty(q, k):
         return empty.forward(q, k, v, stats_dtype(q.dtype))
     nq, nk = q.shape[2], k.shape[2]
@@ -122,6 +127,11 @@ def forward(q, k, v, bias, mask, seed, spec):
 
 def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad):
     """Blockwise backward, recomputing p from stats. Returns dq, dk, dv (shapes of q, k, v) and dbias or None."""
+    dq, dk, dv, dbias = _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad)
+    return (*hidden_rows.finish_backward((dq, dk, dv), dout, q, k, v, stats, spec), dbias)
+
+
+def _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad):
     if empty.is_empty(q, k):
         return empty.backward(q, k, v, bias, bias_grad)
     nq, nk = q.shape[2], k.shape[2]

@@ -5,7 +5,7 @@ path's blockwise code (the kernels accumulate in fp32; their tiles hold at most 
 problems empty.py. Few queries over long keys (decode) take flash_decode.py; everything else the flash
 kernels of flash_fwd.py / flash_bwd.py.
 """
-from flashfuse.kernels import configs, cpu, empty, flash_bwd, flash_decode, flash_fwd
+from flashfuse.kernels import configs, cpu, empty, flash_bwd, flash_decode, flash_fwd, hidden_rows
 from flashfuse.kernels.flash_common import as_bytes, dropout_keep_mask
 from flashfuse.kernels.flash_fwd import unit_last_stride
 
@@ -26,9 +26,9 @@ def forward(q, k, v, bias, mask, seed, spec, launch=direct):
         return cpu.forward(q, k, v, bias, mask, seed, spec)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     seed = seed if spec.random else None
-    if flash_decode.suits(q, k):
-        return flash_decode.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch)
-    return flash_fwd.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch)
+    kernels = flash_decode if flash_decode.suits(q, k) else flash_fwd
+    out, stats = kernels.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch)
+    return hidden_rows.finish_forward(out, stats, v, spec)
 
 
 def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch=direct):
@@ -37,4 +37,6 @@ def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launc
         return cpu.backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad)
     q, k, v, dout = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), unit_last_stride(dout)
     seed = seed if spec.random else None
-    return flash_bwd.backward(dout, q, k, v, bias, as_bytes(mask), seed, out, stats, spec, bias_grad, launch)
+    dq, dk, dv, dbias = flash_bwd.backward(dout, q, k, v, bias, as_bytes(mask), seed, out, stats, spec, bias_grad,
+                                           launch)
+    return (*hidden_rows.finish_backward((dq, dk, dv), dout, q, k, v, stats, spec), dbias)

@@ -75,18 +75,28 @@ def oracle(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, bias: Optional[
     q, k, v, bias: as the op takes them; they are upcast to float64 (pass float64 leaves to take gradients,
     or use `oracle_gradients`). dropout_keep: the bool keep-mask, broadcastable to (B, Hq, Nq, Nk), that the
     implementation under test drew (flash.dropout_keep_mask, cpu.dropout_keep); None applies no dropout.
-    A query that sees no key gives NaN (0 when spec.empty_rows == "zero") and lse -inf; nothing flows back
-    through it, as in the kernels.
+    A query that sees no key (every score -inf, or the mask's finite fill when spec.empty_rows == "average")
+    gives NaN, 0 with empty_rows "zero", the mean of v over all keys with "average"; its lse is -inf, and only
+    the mean's gradient (into v) flows back through it.
     """
     q, k, v = q.double(), k.double(), v.double()
     bias = None if bias is None else bias.double()
     s = scores(q, k, spec, bias, mask, dtype=torch.float64)
     dead = torch.isneginf(s).all(-1, keepdim=True)
-    lse = torch.logsumexp(s, -1)
+    if spec.empty_rows == "average":
+        dead = ((s == spec.mask_value) | torch.isneginf(s)).all(-1, keepdim=True)
+    lse = torch.logsumexp(s, -1).masked_fill(dead.squeeze(-1), float("-inf"))
     p = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
     if dropout_keep is not None:
         p = p * dropout_keep / (1.0 - spec.dropout_p)
     out = p @ repeat_kv(v, q.shape[1] // v.shape[1])
+    if spec.empty_rows == "average":
+        vx = repeat_kv(v, q.shape[1] // v.shape[1])
+        if spec.fill_adds:  # eager's s + fill: a uniform softmax over scores the fill swallowed, gradient and all
+            raw = torch.matmul(q, repeat_kv(k, q.shape[1] // k.shape[1]).mT) * spec.scale
+            uniform = torch.softmax(raw - raw.detach(), -1) @ vx
+            return torch.where(dead, uniform, out), lse
+        return torch.where(dead, vx.mean(-2, keepdim=True).expand_as(out), out), lse
     fill = 0.0 if spec.empty_rows == "zero" else float("nan")
     return torch.where(dead, torch.full_like(out, fill), out), lse
 

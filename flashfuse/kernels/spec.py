@@ -11,9 +11,15 @@ head h // (Hq / Hkv)), the op computes
     p = softmax(s, -1); p = dropout(p, dropout_p)
     out = p @ v                                    (in q's dtype)
 
-A query that sees no key (every s is -inf) gives NaN as the formula does, or 0 with empty_rows="zero"
-(SDPA's rule). What the tensors already say stays out of the spec: sizes, the GQA group Hq / Hkv, dtypes
-(dynamic shapes make sizes symbolic; the output takes q's dtype), and whether a bias or mask is given.
+A query that sees no key (every s is -inf, or the mask's finite fill) follows `empty_rows`: "nan" gives the
+formula's answer (NaN when every s is -inf), "zero" gives 0 (SDPA's rule), "average" gives the mean of v over
+all Nk keys (eager's answer when one finite fill hides the whole row; hidden_rows.py), without dropout. With
+fill_adds (the fill was added to the scores, as `s + where(keep, 0, finfo.min)` does) such a row's gradient
+also flows into q and k as eager's autograd gives it: through scores the fill swallowed.
+
+What the tensors already say stays out of the spec: sizes, the GQA group Hq / Hkv, dtypes (dynamic shapes make sizes
+symbolic; the output takes q's dtype), and whether a bias or mask is given. A key-padding mask is a mask of
+shape (B, 1, 1, Nk).
 
 The op's schema carries a spec as one string (`encode` / `decode`), so a new scalar feature is a new field
 here, read where the kernels and the CPU path use it; nothing in between restates it.
@@ -23,7 +29,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-EMPTY_ROWS = ("nan", "zero")
+EMPTY_ROWS = ("nan", "zero", "average")
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,8 @@ class AttentionSpec:
     window: tuple = (-1, -1)  # (left, right) keys visible around the aligned diagonal; -1 unbounded
     dropout_p: float = 0.0
     mask_value: float = float("-inf")  # what the mask tensor fills hidden scores with
-    empty_rows: str = "nan"  # a query that sees no key: "nan" (the formula) or "zero"
+    empty_rows: str = "nan"  # a query that sees no key: "nan" (the formula), "zero" or "average" (mean of v)
+    fill_adds: bool = False  # the mask's fill was added to the scores (s + fill), not put in their place
 
     def __post_init__(self):
         _check_real("scale", self.scale)
@@ -65,6 +72,10 @@ class AttentionSpec:
             raise ValueError(f"mask_value must be a number below +inf, got {self.mask_value!r}")
         if self.empty_rows not in EMPTY_ROWS:
             raise ValueError(f"empty_rows must be one of {EMPTY_ROWS}, got {self.empty_rows!r}")
+        if not isinstance(self.fill_adds, bool):
+            raise ValueError(f"fill_adds must be a bool, got {type(self.fill_adds).__name__}")
+        if self.fill_adds and (self.empty_rows != "average" or self.softcap):
+            raise ValueError("fill_adds needs empty_rows='average' and no softcap (hidden_rows.py says why)")
         for name in ("scale", "softcap", "dropout_p", "mask_value"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -112,6 +123,8 @@ class AttentionSpec:
             shown.append(f"dropout_p={self.dropout_p}")
         if self.empty_rows != "nan":
             shown.append(f"empty_rows={self.empty_rows}")
+        if self.fill_adds:
+            shown.append("fill_adds")
         return " ".join(shown)
 
 
@@ -128,7 +141,7 @@ def _decode(text):
         if name == "window":
             left, right = raw.split(":")
             values[name] = (int(left), int(right))
-        elif name == "causal":
+        elif name in ("causal", "fill_adds"):
             values[name] = raw == "True"
         elif name == "empty_rows":
             values[name] = raw

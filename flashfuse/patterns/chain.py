@@ -16,7 +16,7 @@ from flashfuse.patterns.products import score_product
 LARGE_NEGATIVE = -1e4  # a fill at or below this hides a key: exp(fill - max) underflows to 0 in fp32
 
 
-def _rounded(value, node):
+def rounded(value, node):
     """A fill value as the scores' dtype holds it: finfo.min * 8 overflows to -inf there, as in eager."""
     return torch.tensor(value, dtype=torch.float64).to(tensor_of(node).dtype).item()
 
@@ -85,7 +85,7 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
         plan.update(scale=plan.spec.scale * c)
         plan.bias = [(b, w * c, shape) for b, w, shape in plan.bias]
         if plan.masks:
-            plan.update(mask_value=_rounded(plan.spec.mask_value * c, node))
+            plan.update(mask_value=rounded(plan.spec.mask_value * c, node))
         return
     if kind == "tanh":
         if plan.bias or plan.masks or state.get("capped"):
@@ -119,7 +119,7 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
         value = constant(fill)
         if value is None or not (value <= LARGE_NEGATIVE):
             raise Refuse(f"masked_fill/where with value {fill} is not a mask (needs -inf or a large negative)")
-        value = _rounded(value, node)  # -1e4 is -9984 in bf16
+        value = rounded(value, node)  # -1e4 is -9984 in bf16
         t = tensor_of(mask)
         if t is None or t.dtype != torch.bool:
             raise Refuse("a mask that is not a bool tensor")

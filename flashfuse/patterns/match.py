@@ -11,12 +11,12 @@ import torch
 from torch.fx import Node
 
 from flashfuse.patterns import layout, ops
-from flashfuse.patterns.chain import chain_back, fold
+from flashfuse.patterns.chain import chain_back, fold, rounded
 from flashfuse.patterns.ops import classify
 from flashfuse.patterns.plan import Operand, Plan, Refuse, constant, keeps_last_two, real_users, single_user, tensor_of
 from flashfuse.patterns.products import score_product, value_product
 from flashfuse.patterns.sdpa import sdpa_plan
-from flashfuse.patterns.structure import structure_of
+from flashfuse.patterns.structure import HUGE_FILL, additive_mask, decompose
 
 __all__ = ["Refuse", "Plan", "match_softmax", "sdpa_plan", "is_softmax"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,16 +54,60 @@ def match_softmax(softmax):
 
 
 def _take_structure(plan):
-    """A lone bias that is a causal / sliding-window mask built from index comparisons becomes flags."""
-    if len(plan.bias) != 1 or plan.masks:
-        return
-    node, coeff, _ = plan.bias[0]
-    found = structure_of(node, coeff, *plan.scores_shape[-2:])
+    """The site's one mask, if it is causal / window structure and key padding: flags plus a (B, 1, 1, Nk)
+    key mask instead of an N x N tensor. Otherwise it stays a tensor and plan.mask_note says why."""
+    found = _the_mask(plan)
     if found is None:
         return
-    left, right = found
-    plan.bias = []
-    plan.update(causal=right == 0, window=(left, -1 if right == 0 else right))
+    cond, keeps, fill, remove = found
+    parts = decompose(cond, keeps, *plan.scores_shape[-2:])
+    if isinstance(parts, str):
+        plan.mask_note = f"tensor: {parts}"
+        return
+    average = parts.keys and math.isfinite(fill)
+    if average and plan.spec.empty_rows != "nan":
+        plan.mask_note = f"tensor: a finite fill where this site's empty rows are {plan.spec.empty_rows!r}"
+        return
+    adds = bool(average and remove is not None)
+    if adds and fill > HUGE_FILL:
+        plan.mask_note = f"tensor: an additive fill {fill:g} does not swallow the scores of a fully hidden row"
+        return
+    if adds and (plan.spec.softcap or any(_needs_grad(t[0]) for t in plan.bias if t is not remove)):
+        plan.mask_note = "tensor: a fully hidden row's gradient would reach a softcap or a learned bias"
+        return
+    layout = remove[2] if remove is not None else plan.masks[0][2]
+    if remove is not None:
+        plan.bias.remove(remove)
+    plan.masks = [(node, keep, layout) for node, keep in parts.keys]
+    left, right = parts.window
+    plan.update(causal=parts.causal, window=(left, -1 if parts.causal else right))
+    if parts.keys:
+        plan.update(mask_value=rounded(fill, plan.scores_node),
+                    **({"empty_rows": "average", "fill_adds": adds} if average else {}))
+        plan.mask_note = "key_padding"
+
+
+def _needs_grad(node):
+    t = tensor_of(node)
+    return t is None or t.requires_grad
+
+
+def _the_mask(plan):
+    """(cond, keeps, fill, bias term or None) for the site's one mask: a where/masked_fill on the scores, or an
+    additive bias where(cond, 0, fill); None when there is none or more than one."""
+    additive = [(term, found) for term in plan.bias if (found := additive_mask(term[0], term[1])) is not None]
+    if plan.masks:
+        if len(plan.masks) != 1 or additive:
+            plan.mask_note = "tensor: more than one mask"
+            return None
+        node, keeps, _ = plan.masks[0]
+        return node, keeps, plan.spec.mask_value, None
+    if len(additive) != 1:
+        if additive:
+            plan.mask_note = "tensor: more than one mask"
+        return None
+    term, (cond, keeps, fill) = additive[0]
+    return cond, keeps, fill, term
 
 
 def _after_softmax(softmax, plan):

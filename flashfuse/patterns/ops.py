@@ -72,6 +72,8 @@ REMOVABLE_VIEWS = _targets("transpose", "permute", "view", "reshape", "contiguou
 
 # -- index arithmetic: masks built from positions (structure.py) -------------------------------------------------
 AND = _targets(operator.and_, torch.logical_and, torch.bitwise_and, "__and__", "logical_and", "bitwise_and")
+OR = _targets(operator.or_, torch.logical_or, torch.bitwise_or, "__or__", "logical_or", "bitwise_or")
+NOT = _targets(operator.invert, torch.logical_not, torch.bitwise_not, "__invert__", "logical_not", "bitwise_not")
 MASK_PASS = _targets("to", "expand", "contiguous", "bool")
 COMPARE = {operator.le: "le", torch.le: "le", "le": "le", operator.lt: "lt", torch.lt: "lt", "lt": "lt",
            operator.ge: "ge", torch.ge: "ge", "ge": "ge", operator.gt: "gt", torch.gt: "gt", "gt": "gt"}

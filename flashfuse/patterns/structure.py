@@ -1,20 +1,40 @@
-"""Masks built in the graph from index comparisons, recognized as causal and sliding-window structure.
+"""Masks built in the graph, taken apart into causal / sliding-window structure and key padding.
 
 Hugging Face builds its masks inside the compiled graph: aranges over queries and keys, compared
-(`kv <= q` causal, `kv > q - w` sliding window), combined with `&`, and turned into an additive
-tensor by `where(keep, 0, finfo.min)`. When every term of such a mask is structural, the op can
-take it as `causal` / `window` and skip the hidden blocks instead of reading an N x N bias.
+(`kv <= q` causal, `kv > q - w` sliding window), and-ed with the padding as `padding_mask[batch, kv]`
+(shape (B, 1, 1, Nk)), and turned into an additive tensor by `where(keep, 0, finfo.min)`. `decompose`
+proves such a mask is the conjunction of structural terms, which the op takes as `causal` / `window`
+and skips block by block, and key terms (size 1 on the query dim: they depend on batch, head and key
+only), which the op takes as a small (B, 1, 1, Nk) mask instead of an N x N tensor. Any other term
+keeps the whole mask a tensor, with the reason.
 
-That is exact: each query keeps its diagonal key, so no row is ever fully hidden, and a hidden
-key's exp(fill - max) is 0 in fp32 either way. A mask with any other term (a padding mask, which
-can hide a whole row) stays a bias.
+Why that is exact: a query that sees a key gives its hidden keys weight exp(fill - max) = 0 in fp32
+either way (fill <= -1e4). A query that sees no key (left padding hides every key of the first rows)
+is a softmax over a row of equal fills in eager: the op's empty_rows="average" gives that answer.
 """
+import math
+from dataclasses import dataclass
+
+import torch
 from torch.fx import Node
 
 from flashfuse.patterns import ops
 from flashfuse.patterns.chain import LARGE_NEGATIVE
 from flashfuse.patterns.ops import classify, meta
-from flashfuse.patterns.plan import constant
+from flashfuse.patterns.plan import constant, tensor_of
+
+HUGE_FILL = -1e30  # an additive fill this large swallows any score (and bias) in fp32, bf16 and fp64
+
+
+@dataclass(frozen=True)
+class Decomposed:
+    """A bool mask as structure and key terms: keep = visible(window) & all(key terms)."""
+    window: tuple  # (left, right) keys around the aligned diagonal, -1 unbounded; (-1, 0) is causal
+    keys: tuple  # ((node, keeps), ...): bool terms of shape (..., 1, Nk); keeps False: True hides the key
+
+    @property
+    def causal(self):
+        return self.window[1] == 0
 
 
 def _static_int(x):
@@ -24,47 +44,75 @@ def _static_int(x):
     return int(expr) if expr is not None and expr.is_number else None
 
 
-def structure_of(bias, coeff, nq, nk):
-    """(left, right) window bounds (-1 unbounded) if `coeff * bias` is a purely structural mask."""
+def additive_mask(bias, coeff):
+    """(cond, keeps, fill) when `coeff * bias` is where(cond, 0, fill) or where(cond, fill, 0) with a fill that
+    hides keys (fill * coeff <= -1e4); else None."""
     op = classify(bias)
     if op is None or op.kind != "where" or coeff <= 0:
         return None
-    if _zero(op.args["a"]) is not True:
-        return None
-    fill = constant(op.args["b"])
-    if fill is None or fill * coeff > LARGE_NEGATIVE:
-        return None
+    for zero, fill, keeps in (("a", "b", True), ("b", "a", False)):
+        value = constant(op.args[fill])
+        if _zero(op.args[zero]) is True and value is not None and value * coeff <= LARGE_NEGATIVE:
+            return op.args["cond"], keeps, value * coeff
+    return None
+
+
+def decompose(cond, keeps, nq, nk):
+    """Decomposed for a bool mask `cond` (True keeps the key when `keeps`, else hides it), or a reason (str)."""
     offset = _static_int(nk - nq)
     if offset is None or offset < 0:
-        return None
-    left = right = float("inf")  # keys j in [i + offset - left, i + offset + right]
-    for term in _conjunction(op.args["cond"]):
-        bound = _bound(term)
-        if bound is None:
-            return None
-        kind, value = bound  # "le": key j <= i + value; "ge": key j >= i + value
-        if kind == "le":
-            right = min(right, value - offset)
+        return "more queries than keys, or sizes not known at compile time"
+    left = right = math.inf  # keys j in [i + offset - left, i + offset + right]
+    keys = []
+    for term, keep in _terms(cond, keeps):
+        bound = _bound(term) if keep or ops.target(term) != ops.ONES_METHOD else None
+        if bound is not None:
+            kind, value = bound if keep else _hidden_to_kept(bound)
+            if kind == "le":
+                right = min(right, value - offset)
+            else:
+                left = min(left, offset - value)
+        elif _keys_only(term):
+            keys.append((term, keep))
         else:
-            left = min(left, offset - value)
+            shape = tuple(tensor_of(term).shape) if tensor_of(term) is not None else "unknown"
+            return (f"mask term {term.name} of shape {shape} varies with the query: neither causal/window "
+                    "structure nor key padding")
     if right < 0 or left < 0:
-        return None  # every query must keep its diagonal key
-    return tuple(-1 if bound == float("inf") else int(bound) for bound in (left, right))
+        return "the structure hides a query's own (diagonal) key"
+    return Decomposed(tuple(-1 if b == math.inf else int(b) for b in (left, right)), tuple(keys))
+
+
+def _terms(node, keeps):
+    """The terms of a conjunction of kept keys (a disjunction of hidden ones), each with its polarity."""
+    key = ops.target(node)
+    if (key in ops.AND and keeps) or (key in ops.OR and not keeps):
+        return _terms(node.args[0], keeps) + _terms(node.args[1], keeps)
+    if key in ops.NOT and isinstance(node.args[0], Node):
+        return _terms(node.args[0], not keeps)
+    if key in ops.MASK_PASS and isinstance(node.args[0], Node):
+        return _terms(node.args[0], keeps)
+    return [(node, keeps)]
+
+
+def _hidden_to_kept(bound):
+    """A term that hides key j <= i + c keeps j >= i + c + 1, and the other way round."""
+    kind, value = bound
+    return ("ge", value + 1) if kind == "le" else ("le", value - 1)
+
+
+def _keys_only(term):
+    """A bool tensor with size 1 on the query dim: it depends on batch, head and key only."""
+    t = tensor_of(term) if isinstance(term, Node) else None
+    if t is None or t.dim() == 0 or t.dtype is not torch.bool:
+        return False
+    return t.dim() == 1 or _static_int(t.shape[-2]) == 1
 
 
 def _zero(x):
     if isinstance(x, Node) and x.op == "call_function" and x.target in ops.ZEROS:
         return list(x.args[0]) == [] if x.target is not ops.ZEROS_LIKE and x.args else None
     return constant(x) == 0
-
-
-def _conjunction(node):
-    key = ops.target(node)
-    if key in ops.AND:
-        return _conjunction(node.args[0]) + _conjunction(node.args[1])
-    if key in ops.MASK_PASS and isinstance(node.args[0], Node):
-        return _conjunction(node.args[0])
-    return [node]
 
 
 def _bound(term):

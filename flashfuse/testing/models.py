@@ -76,10 +76,15 @@ BENCH = {
 }
 
 
-def left_padding(batch, seq, row=0, pads=None):
-    """An attention_mask (batch, seq) of ones with the first `pads` (default seq // 3) positions of `row` zero."""
+def padding_mask(batch, seq, row=0, pads=None, side="left"):
+    """An attention_mask (batch, seq) of ones with `pads` (default seq // 3) positions of `row` zero: the first
+    ones (side="left", as batched generation pads), or the last ones (side="right", as training batches pad)."""
     mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[row, : seq // 3 if pads is None else pads] = 0
+    pads = seq // 3 if pads is None else pads
+    if side == "left":
+        mask[row, :pads] = 0
+    else:
+        mask[row, seq - pads:] = 0
     return mask
 
 
@@ -89,14 +94,14 @@ def _hf_model(prefix, config, attn, head=False):
     return getattr(transformers, prefix + ("LMHeadModel" if head and prefix == "GPT2" else "Model"))(cfg)
 
 
-def _inputs(kind, cfg, batch, seq, generator):
+def _inputs(kind, cfg, batch, seq, generator, side="left"):
     ids = lambda n: torch.randint(0, cfg.vocab_size, (batch, n), generator=generator)  # noqa: E731
     if kind == "ids":
         return {"input_ids": ids(seq)}
     if kind == "padded":
-        return {"input_ids": ids(seq), "attention_mask": left_padding(batch, seq)}
+        return {"input_ids": ids(seq), "attention_mask": padding_mask(batch, seq, side=side)}
     if kind == "seq2seq":
-        return {"input_ids": ids(seq), "attention_mask": left_padding(batch, seq), "decoder_input_ids": ids(seq - 3)}
+        return {"input_ids": ids(seq), "attention_mask": padding_mask(batch, seq), "decoder_input_ids": ids(seq - 3)}
     if kind == "audio":
         return {"input_features": torch.randn(batch, cfg.num_mel_bins, 2 * cfg.max_source_positions,
                                               generator=generator), "decoder_input_ids": ids(seq - 3)}
@@ -108,7 +113,8 @@ def build(name, batch=None, seq=None, seed=0, device="cpu", dtype=None, attn="ea
     """(model in eval mode, inputs dict) of a tiny family (FAMILIES) or a benchmark model (BENCH), reproducibly.
 
     batch, seq: input sizes (default: 2 x 12 for tiny models, the BENCH sizes otherwise). padding: for text
-    models, True adds a left-padded attention_mask, False drops it, None keeps the family's default.
+    models, True or "left" adds a left-padded attention_mask, "right" a right-padded one, False drops it, None
+    keeps the family's default.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -132,7 +138,8 @@ def build(name, batch=None, seq=None, seed=0, device="cpu", dtype=None, attn="ea
         model = _hf_model(prefix, config, attn)
         if padding is not None and kind in ("ids", "padded"):
             kind = "padded" if padding else "ids"
-        inputs = _inputs(kind, model.config, batch or default_batch, seq or default_seq, generator)
+        side = padding if padding in ("left", "right") else "left"
+        inputs = _inputs(kind, model.config, batch or default_batch, seq or default_seq, generator, side)
     model = model.eval().to(device=device, dtype=dtype)
     return model, {k: v.to(device) for k, v in inputs.items()}
 

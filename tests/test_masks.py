@@ -1,0 +1,161 @@
+"""Padded batches at causal speed: the masks transformers builds (causal or sliding window, and-ed with the
+padding, filled with finfo.min) reach the op as flags plus a (B, 1, 1, Nk) key mask, never as an N x N tensor;
+outputs, gradients and generation equal eager's, fully hidden (padded) query rows included.
+Also the masks that must stay tensors: structure the matcher cannot prove is left alone, with the reason."""
+import pytest
+import torch
+
+import flashfuse
+from flashfuse.testing import assert_equivalent, models
+from flashfuse.tolerances import FORWARD, GRADIENT, gradients_error, relative_error
+
+WINDOW = {"gpt2": (-1, -1), "llama": (-1, -1), "mistral": (4, -1)}  # mistral's tiny config: sliding_window=5
+OP = ("flashfuse::fwd", "flashfuse::opaque_fwd")
+
+
+def _run(model, inputs):
+    out = models.first_output(model(**inputs))
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return out, torch.autograd.grad(out, params, cotangent, allow_unused=True)
+
+
+def _op_input_shapes(fn):
+    """The input shapes of every call of the op that fn() makes, from the profiler."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    return [e.input_shapes for e in prof.events() if e.name in OP]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", list(WINDOW))
+def test_padded_batch_is_structure_plus_key_padding(family, side):
+    model, inputs = models.build(family, padding=side, seq=24)  # longer than the head dim (16)
+    n = inputs["input_ids"].shape[1]
+    sites = flashfuse.explain(model, **inputs).sites
+    assert len(sites) == 2 and all(s.rewritten for s in sites)
+    for site in sites:
+        assert site.spec.causal and site.spec.window == WINDOW[family] and site.operands["mask_note"] == "key_padding"
+        assert "key_padding" in site.describe()
+    expected, expected_grads = _run(model, inputs)  # the loss covers the padded positions too
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="flashfuse")
+    _run(compiled, inputs)
+    shapes = _op_input_shapes(lambda: _run(compiled, inputs))
+    assert len(shapes) == 2
+    for call in shapes:
+        big = [s for s in call if len(s) >= 2 and s[-1] >= n and s[-2] >= n]
+        assert not big, f"an N x N tensor reached the op: {big}"
+        assert [1, 1, n] in [s[1:] for s in call if len(s) == 4], "the key mask (B, 1, 1, Nk)"
+    actual, actual_grads = _run(compiled, inputs)
+    assert relative_error(actual, expected) < FORWARD[torch.float32]
+    assert gradients_error(actual_grads, expected_grads) < GRADIENT[torch.float32]
+
+
+# -- the spellings: q (B, H, N, D); a (B, N) padding vector; masks built in the graph as transformers does ------
+
+B, H, N, D = 2, 2, 10, 8
+FAST = {"compiler": "eager"}
+
+
+def _qkv():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(B, H, N, D, generator=gen) for _ in range(3)]
+
+
+def _padding(side="left"):
+    pad = torch.ones(B, N, dtype=torch.bool)
+    pad[0, :4] = False  # left: queries 0..3 of batch 0 see no key under causal
+    if side == "right":
+        pad = pad.flip(-1)
+    return pad
+
+
+def _positions():
+    q = torch.arange(N)[None, None, :, None]
+    k = torch.arange(N)[None, None, None, :]
+    return q, k
+
+
+def _additive(keep, dtype=torch.float32):
+    return torch.where(keep, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+
+
+SPELLINGS = {
+    # keep mask -> scores -> masked scores
+    "hf_additive": lambda s, keep: s + _additive(keep),
+    "where_keep_finite": lambda s, keep: torch.where(keep, s, torch.finfo(s.dtype).min),
+    "masked_fill_hide": lambda s, keep: s.masked_fill(~keep, -1e9),
+    "masked_fill_inf": lambda s, keep: s.masked_fill(~keep, float("-inf")),
+}
+
+
+def _site(fn, pad, grad=True):
+    sites = assert_equivalent(fn, *_qkv(), pad, expected_sites=1, grad=grad, options=FAST)
+    return sites[0]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", SPELLINGS)
+def test_causal_and_padding_spellings(name, side):
+    """Fully hidden rows (left padding) come out as eager's, forward and gradients: an average over every key for a
+    finite fill, NaN for -inf (compared as NaN)."""
+    spell = SPELLINGS[name]
+
+    def fn(q, k, v, pad):
+        i, j = _positions()
+        keep = (j <= i) & pad[:, None, None, :]
+        return torch.softmax(spell(q @ k.mT * D ** -0.5, keep), -1) @ v
+
+    site = _site(fn, _padding(side), grad=name != "masked_fill_inf" or side == "right")
+    assert site.spec.causal and site.operands["mask_note"] == "key_padding", site.describe()
+    assert site.spec.empty_rows == ("nan" if name == "masked_fill_inf" else "average")
+    assert site.spec.fill_adds == (name == "hf_additive")
+
+
+def test_sliding_window_hide_polarity():
+    """A mask of hidden keys, or-ed: future keys, keys out of the window, padded keys."""
+    def fn(q, k, v, pad):
+        i, j = _positions()
+        hide = (j > i) | (j <= i - 3) | ~pad[:, None, None, :]
+        return torch.softmax((q @ k.mT).masked_fill(hide, -1e4), -1) @ v
+
+    site = _site(fn, _padding())
+    assert site.spec.causal and site.spec.window == (2, -1) and site.operands["mask_note"] == "key_padding"
+
+
+RANDOM_KEEP = torch.rand(N, N, generator=torch.Generator().manual_seed(3)) > 0.2  # a 0/1 buffer
+
+NOT_STRUCTURE = {
+    "varies_per_query": lambda i, j, pad: ((i + j) % 3 != 0) & pad[:, None, None, :],
+    "causal_shifted_by_one": lambda i, j, pad: (j < i) & pad[:, None, None, :],
+    "random_buffer": lambda i, j, pad: RANDOM_KEEP & (j <= i) & pad[:, None, None, :],
+}
+
+
+@pytest.mark.parametrize("name", NOT_STRUCTURE)
+def test_masks_that_must_stay_tensors(name):
+    """A wrong structure is a wrong answer: what is neither structure nor key padding keeps the whole tensor."""
+    make = NOT_STRUCTURE[name]
+
+    def fn(q, k, v, pad):
+        i, j = _positions()
+        return torch.softmax(q @ k.mT * D ** -0.5 + _additive(make(i, j, pad)), -1) @ v
+
+    site = _site(fn, _padding("right"))
+    assert not site.spec.causal and site.operands["mask_note"].startswith("tensor: "), site.describe()
+    assert site.operands["bias"]
+
+
+def test_generation_with_left_padding_uses_key_padding():
+    """Greedy generation of a left-padded batch under backend="flashfuse" gives eager's tokens (sliding window)."""
+    model, _ = models.build("mistral")
+    ids = torch.randint(0, models.VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = models.padding_mask(2, 9, pads=3)
+    import transformers
+    lm = transformers.MistralForCausalLM(model.config).eval()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = lm.generate(**kwargs)
+    torch._dynamo.reset()
+    lm.forward = torch.compile(lm.forward, backend="flashfuse", options=FAST)
+    assert torch.equal(lm.generate(**kwargs), expected)
