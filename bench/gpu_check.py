@@ -37,6 +37,7 @@ from flashfuse.kernels.spec import AttentionSpec  # noqa: E402
 from flashfuse.tolerances import FORWARD, GRADIENT, TF32, relative_error  # noqa: E402
 
 DEV = "cuda"
+MIN = torch.finfo(torch.float32).min
 
 
 def _err(a, b):
@@ -48,7 +49,8 @@ def _err(a, b):
 
 
 def check(name, b, hq, hkv, nq, nk, d, dv=None, dtype=torch.bfloat16, causal=False, window=(-1, -1), bias=None,
-          mask=None, mask_value=float("-inf"), softcap=0.0, dropout_p=0.0, layout="bhnd", tf32=False):
+          mask=None, mask_value=float("-inf"), softcap=0.0, dropout_p=0.0, layout="bhnd", tf32=False, left_pad=0,
+          empty_rows="nan", fill_adds=False):
     dv = d if dv is None else dv
     torch.backends.cuda.matmul.allow_tf32 = tf32
     mk = (lambda s: torch.randn(s[0], s[2], s[1], s[3], device=DEV, dtype=dtype).transpose(1, 2)) \
@@ -56,9 +58,11 @@ def check(name, b, hq, hkv, nq, nk, d, dv=None, dtype=torch.bfloat16, causal=Fal
     q, k, v = mk((b, hq, nq, d)), mk((b, hkv, nk, d)), mk((b, hkv, nk, dv))
     bias_t = None if bias is None else torch.randn(bias, device=DEV, dtype=dtype)
     mask_t = None if mask is None else torch.rand(mask, device=DEV) > 0.2
+    if left_pad:
+        mask_t[0, ..., :left_pad] = False  # the first queries of batch 0 see no key under causal
     seed = torch.tensor([42], dtype=torch.int64, device=DEV) if dropout_p else None
     spec = AttentionSpec(scale=d ** -0.5, softcap=softcap, mask_value=mask_value, causal=causal, window=window,
-                         dropout_p=dropout_p)
+                         dropout_p=dropout_p, empty_rows=empty_rows, fill_adds=fill_adds)
     out, stats = flash.forward(q, k, v, bias_t, mask_t, seed, spec)
     dout = torch.randn_like(out)
     grads = flash.backward(dout, q, k, v, bias_t, mask_t, seed, out, stats, spec, bias_t is not None)
@@ -94,6 +98,14 @@ CASES = [
     ("d80/dv160 causal 1x2x777x1200", dict(b=1, hq=2, hkv=1, nq=777, nk=1200, d=80, dv=160, causal=True)),
     ("finfo.min mask 1x2x512 d64", dict(b=1, hq=2, hkv=2, nq=512, nk=512, d=64, mask=(1, 1, 512, 1),
                                         mask_value=-3.4e38)),
+    ("keypad causal avg 2x8/2x2048 d128", dict(b=2, hq=8, hkv=2, nq=2048, nk=2048, d=128, causal=True,
+                                               mask=(2, 1, 1, 2048), mask_value=MIN, left_pad=300,
+                                               empty_rows="average", fill_adds=True)),
+    ("keypad window avg 2x4x1024 d64", dict(b=2, hq=4, hkv=4, nq=1024, nk=1024, d=64, window=(256, 0),
+                                            mask=(2, 1, 1, 1024), mask_value=-1e9, left_pad=100,
+                                            empty_rows="average")),
+    ("keypad decode 4x32/8 q1 k4096", dict(b=4, hq=32, hkv=8, nq=1, nk=4096, d=128, causal=True,
+                                           mask=(4, 1, 1, 4096), mask_value=MIN, empty_rows="average")),
     ("dropout 1x2x1024 d64", dict(b=1, hq=2, hkv=2, nq=1024, nk=1024, d=64, dropout_p=0.1, causal=True)),
     ("ragged d40/dv24 bf16 1x2x77x131", dict(b=1, hq=2, hkv=1, nq=77, nk=131, d=40, dv=24, causal=True,
                                               bias=(1, 2, 77, 131))),
