@@ -198,8 +198,12 @@ def broadcast_strides(t):
 
 
 def as_bytes(mask):
-    """A bool mask as uint8 of the same strides (no copy), which every Triton version loads."""
-    return None if mask is None else mask.view(torch.uint8)
+    """A bool mask as uint8, which every Triton version loads: a view (no copy) of a plain tensor. While inductor
+    traces the op (a fake or functional tensor) a conversion: its CUDA lowering of a bool -> uint8 view fails
+    (torch.iinfo(torch.bool)); the copy it makes instead is of the mask as the graph passes it."""
+    if mask is None:
+        return None
+    return mask.view(torch.uint8) if type(mask) is torch.Tensor else mask.to(torch.uint8)
 
 
 def dropout_keep_mask(seed, shape, dropout_p, device):
