@@ -67,7 +67,8 @@ def _score_tile(qk, i, j, n_keys, shift, bias_ptrs, mask_ptrs, mask_value, MASKE
                 keep = tl.load(mask_ptrs, mask=j < n_keys, other=1) != 0
             else:
                 keep = tl.load(mask_ptrs) != 0
-            s = tl.where(keep, s, mask_value)
+            # fp32 explicitly: inductor types a float argument fp64, which would promote the scores
+            s = tl.where(keep, s, tl.cast(mask_value, tl.float32))
     if MASKED:
         # bottom-right aligned: query i faces key i + shift (shift = Nk - Nq); hidden keys get -inf
         visible = j < n_keys
