@@ -1,5 +1,10 @@
-"""On a CUDA machine: compile a tiny left-padded GPT-2 with backend="flashfuse" (inductor) and compare with eager;
-prints the full error when compilation fails. Usage: python scripts/padded_compile_check.py"""
+"""On a CUDA machine: compile tiny left-padded models with backend="flashfuse" (inductor) and compare with eager,
+printing the full error when compilation fails; then, with --profile, the top GPU kernels of one padded training
+step of a benchmark model under flashfuse and under SDPA + inductor.
+
+    python scripts/padded_compile_check.py [--profile gpt2-124M]
+"""
+import argparse
 import os
 import sys
 import traceback
@@ -10,11 +15,39 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import flashfuse  # noqa: E402,F401
 from flashfuse.testing import models  # noqa: E402
 
-for family in ["gpt2", "llama"]:
-    model, inputs = models.build(family, device="cuda", seq=64)
-    try:
-        expected = models.first_output(model(**inputs))
-        got = models.first_output(torch.compile(model, backend="flashfuse")(**inputs))
-        print(family, "ok", (got - expected).abs().max().item(), flush=True)
-    except Exception:
-        traceback.print_exc()
+
+def check():
+    for family in ["gpt2", "llama"]:
+        model, inputs = models.build(family, device="cuda", seq=64)
+        try:
+            expected = models.first_output(model(**inputs))
+            got = models.first_output(torch.compile(model, backend="flashfuse")(**inputs))
+            print(family, "ok", (got - expected).abs().max().item(), flush=True)
+        except Exception:
+            traceback.print_exc()
+
+
+def profile(name, rows=14):
+    for attn, backend in (("eager", "flashfuse"), ("sdpa", "inductor")):
+        model, inputs = models.build(name, device="cuda", dtype=torch.bfloat16, attn=attn, padding=True)
+        run = torch.compile(model.train(), backend=backend)
+
+        def step(run=run, inputs=inputs):
+            models.first_output(run(**inputs)).float().mean().backward()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(f"== {name} padded training step, {attn} + {backend}", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=None, help="a benchmark model (flashfuse.testing.models.BENCH)")
+    args = parser.parse_args()
+    check()
+    if args.profile:
+        profile(args.profile)
