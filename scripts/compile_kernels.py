@@ -47,6 +47,9 @@ CASES = {
     "decode gqa d128": (2, 32, 4, 1, 5000, 128, torch.bfloat16, {}, None, None),
     "decode mask window": (2, 8, 2, 4, 5000, 64, torch.bfloat16, dict(window=(1000, 0)), None, (2, 1, 1, 5000)),
     "empty rows zero": (2, 4, 4, 300, 200, 64, torch.bfloat16, dict(causal=True, empty_rows="zero"), None, None),
+    "key padding causal d64": (2, 4, 2, 300, 300, 64, torch.bfloat16,
+                               dict(causal=True, mask_value=-3.4e38, empty_rows="average", fill_adds=True), None,
+                               (2, 1, 1, 300)),
 }
 
 
@@ -96,7 +99,7 @@ def signature(kernel, args, kwargs):
                 if value % 16 == 0:
                     attrs[(index,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = "fp32"
+            sig[name] = "fp64"  # as inductor types a Python float (a direct launch types it fp32)
     return sig, constants, attrs, options
 
 

@@ -30,10 +30,10 @@ from flashfuse.kernels.flash_fwd import head_pad
 def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Stats, n_stats, Delta, sqm, sdm, row0, bias_cols, sbm, mask_cols,
                 smm, mask_value, DBias, sdbm, sdbn, seed, n_queries, n_keys, shift, MASKED: tl.constexpr,
                 RAW: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
-                DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_Q1: tl.constexpr, DB_K1: tl.constexpr,
-                DB_ATOMIC: tl.constexpr):
+                DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
+                PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr,
+                HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_Q1: tl.constexpr,
+                DB_K1: tl.constexpr, DB_ATOMIC: tl.constexpr):
     """Queries [lo, hi) of one q head into this key block's dk, dv. Q, dO: the head's base pointers; bias_cols /
     mask_cols: pointers of each key's bias / mask column at query 0; DBias: at this head and key 0."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -56,8 +56,12 @@ def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Stats, n_stats, Delta, sqm, sdm,
         row_max, log_sum = _row_stats(Stats, row0 + i, n_stats, i < n_queries, MASKED)
         qkt = _dot(k, qt, None, PRECISION)  # (BLOCK_N, BLOCK_M)
         ic = tl.minimum(i, n_queries - 1)
+        if MASK_KEYS:  # the key's mask entry serves every query: a (BLOCK_N, 1) tile
+            mask_ptrs = mask_cols
+        else:
+            mask_ptrs = mask_cols + ic[None, :] * smm
         s, t, keep = _score_tile(qkt, i[None, :], j[:, None], n_keys, shift, bias_cols + ic[None, :] * sbm,
-                                 mask_cols + ic[None, :] * smm, mask_value, MASKED, RAW, SCALE, SOFTCAP, LEFT, RIGHT,
+                                 mask_ptrs, mask_value, MASKED, RAW, SCALE, SOFTCAP, LEFT, RIGHT,
                                  HAS_BIAS, HAS_MASK)
         pt = _recompute_p(s, row_max[None, :], log_sum[None, :], RAW, SCALE)
         # -- dV += P^T dO; dP^T = V dO^T ----
@@ -100,8 +104,9 @@ def _dkdv_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, DBias, dK, dV,
                  sdbb, sdbh, sdbm, sdbn, n_heads, group, n_queries, n_keys, mask_value,
                  SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                  DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, RAW: tl.constexpr,
-                 PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr,
-                 HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                 PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BIAS_GRAD: tl.constexpr,
                  DB_Q1: tl.constexpr, DB_K1: tl.constexpr, DB_ATOMIC: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -145,7 +150,8 @@ def _dkdv_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, DBias, dK, dV,
                                  Stats, n_stats, Delta, sqm, sdm, row0, bias_cols, sbm, mask_cols, smm, mask_value,
                                  DBias + b * sdbb + h * sdbh, sdbm, sdbn, seed, n_queries, n_keys, shift,
                                  stage != 1, RAW, SCALE, SOFTCAP, LEFT, RIGHT, DROPOUT_P, HAS_BIAS, HAS_MASK,
-                                 PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_M, BIAS_GRAD, DB_Q1, DB_K1, DB_ATOMIC)
+                                 MASK_KEYS, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_M, BIAS_GRAD, DB_Q1, DB_K1,
+                                 DB_ATOMIC)
     # epilogue: dK picks up the score scale here, once
     dk = dk * SCALE
     out_row = pid_bh.to(tl.int64) * n_keys + j

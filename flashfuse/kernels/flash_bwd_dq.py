@@ -68,8 +68,8 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
                n_heads, group, n_queries, n_keys, mask_value,
                SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, RAW: tl.constexpr,
-               PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr,
-               HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     if RIGHT >= 0:  # causal-like: later query blocks see more keys, so start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -97,7 +97,10 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
                  mask=(i[:, None] < n_queries) & (offs_dv[None, :] < DV), other=0.0)
     ic = tl.minimum(i, n_queries - 1)
     bias_rows = Bias + b * sbb + h * sbh + ic * sbm
-    mask_rows = Mask + b * smb + h * smh + ic * smm
+    if MASK_KEYS:  # one mask row for every query (see flash_fwd)
+        mask_rows = Mask + b * smb + h * smh + tl.zeros([1], tl.int64)
+    else:
+        mask_rows = Mask + b * smb + h * smh + ic * smm
     seed = 0
     if DROPOUT_P > 0.0:
         seed = tl.load(Seed)

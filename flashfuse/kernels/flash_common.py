@@ -7,8 +7,9 @@ so bias, mask, softcap, causal/window and dropout follow one rule everywhere.
 
 The spec reaches the kernels as constexprs (`constexprs`): SCALE, SOFTCAP, LEFT, RIGHT (the key bounds of
 spec.key_bounds, -1 unbounded), DROPOUT_P, HAS_BIAS, HAS_MASK, RAW (scores are just SCALE * q.k: no softcap,
-bias or mask, SCALE > 0, so the kernels keep raw q.k and fold SCALE * LOG2E into exp2), and PRECISION for the
-dots. The mask's fill value is a runtime argument, `mask_value` (-inf is no constexpr inductor can print).
+bias or mask, SCALE > 0, so the kernels keep raw q.k and fold SCALE * LOG2E into exp2), PRECISION for the
+dots, and MASK_KEYS: the mask has no query dim (key padding), so a tile reads one row of it, not a row per query.
+The mask's fill value is a runtime argument, `mask_value` (-inf is no constexpr inductor can print).
 """
 import os
 
@@ -179,7 +180,8 @@ def constexprs(spec, bias, mask, dtype):
     left, right = spec.key_bounds()
     raw = bias is None and mask is None and not spec.softcap and spec.scale > 0
     return dict(SCALE=spec.scale, SOFTCAP=spec.softcap, LEFT=left, RIGHT=right, DROPOUT_P=spec.dropout_p,
-                HAS_BIAS=bias is not None, HAS_MASK=mask is not None, RAW=raw, PRECISION=precision(dtype))
+                HAS_BIAS=bias is not None, HAS_MASK=mask is not None, RAW=raw, PRECISION=precision(dtype),
+                MASK_KEYS=mask is not None and mask.shape[2] == 1)
 
 
 def precision(dtype):

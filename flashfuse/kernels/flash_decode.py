@@ -23,8 +23,9 @@ def _decode_split_kernel(Q, K, V, Bias, Mask, Seed, OPart, MPart, LPart,
                          n_heads, group, n_queries, n_keys, chunk, mask_value,
                          SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                          DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-                         RAW: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         RAW: tl.constexpr, PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, D: tl.constexpr,
+                         DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):  # MASK_KEYS unused: a decode tile packs several heads' rows
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_kv_heads = n_heads // group

@@ -32,25 +32,24 @@ def finish_forward(out, stats, v, spec):
 
 
 def finish_backward(grads, dout, q, k, v, stats, spec):
-    """(dq, dk, dv) plus the hidden rows' share (see the module docstring)."""
+    """(dq, dk, dv) plus the hidden rows' share (see the module docstring). The products run in the inputs' dtype
+    (fp32 accumulation): they are zero off the hidden rows, so every other row's gradient is left exactly as is."""
     dq, dk, dv = grads
     if spec.empty_rows != "average" or dout.numel() == 0 or v.numel() == 0:
         return dq, dk, dv
-    acc = stats.dtype
-    b, hkv, nk, dv_ = v.shape
+    nk, hkv = v.shape[2], v.shape[1]
     hidden = torch.isneginf(stats[0])[..., None]  # (B, Hq, Nq, 1), as finish_forward left it
-    do = _grouped(dout.to(acc).masked_fill(~hidden, 0.0), hkv)  # (B, Hkv, G * Nq, Dv): zero off hidden rows
-    dv = (dv.to(acc) + do.sum(-2, keepdim=True) / nk).to(dv.dtype)
+    do = _grouped(dout.masked_fill(~hidden, 0.0), hkv)  # (B, Hkv, G * Nq, Dv): zero off hidden rows
+    dv = dv + (do.sum(-2, keepdim=True, dtype=stats.dtype) / nk).to(dv.dtype)
     if not spec.fill_adds:
         return dq, dk, dv
-    kf, vf = k.to(acc), v.to(acc)
-    delta = do @ vf.mean(-2).unsqueeze(-1)  # (B, Hkv, G * Nq, 1)
+    kx, vx = k.to(do.dtype), v.to(do.dtype)
+    delta = do @ vx.mean(-2, dtype=stats.dtype).to(do.dtype).unsqueeze(-1)  # (B, Hkv, G * Nq, 1)
     c = spec.scale / nk
-    dq_extra = c * (do @ (vf.mT @ kf) - delta * kf.sum(-2, keepdim=True))
-    qg = _grouped(q.to(acc), hkv)
-    dk_extra = c * (vf @ (do.mT @ qg) - (delta * qg).sum(-2, keepdim=True))
-    dq = (dq.to(acc) + dq_extra.reshape(dq.shape)).to(dq.dtype)
-    return dq, (dk.to(acc) + dk_extra).to(dk.dtype), dv
+    dq_extra = c * (do @ (vx.mT @ kx) - delta * kx.sum(-2, keepdim=True))
+    qg = _grouped(q.to(do.dtype), hkv)
+    dk_extra = c * (vx @ (do.mT @ qg) - (delta * qg).sum(-2, keepdim=True))
+    return dq + dq_extra.reshape(dq.shape).to(dq.dtype), dk + dk_extra.to(dk.dtype), dv
 
 
 def _grouped(t, hkv):
