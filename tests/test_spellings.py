@@ -353,12 +353,13 @@ def test_index_built_causal_and_window_masks_become_flags(nq, nk, window, spec):
     assert (sites[0].spec.causal, sites[0].spec.window) == spec and sites[0].operands["bias"] is False
 
 
-def test_index_built_mask_with_padding_stays_a_bias():
+def test_index_built_mask_with_padding_is_causal_plus_key_padding():
     pad = torch.ones(B, NQ, dtype=torch.bool)
     pad[0, :4] = False  # left padding: early queries of sequence 0 see no key, as eager computes them
     fn = lambda q, k, v, pad: torch.softmax(q @ k.mT * 0.25 + hf_mask(NQ, NQ, padding=pad), -1) @ v  # noqa: E731
     sites = assert_equivalent(fn, *qkv(nk=NQ), pad, expected_sites=1, options=FAST)
-    assert sites[0].operands["bias"] is True and sites[0].spec.causal is False
+    assert sites[0].operands["bias"] is False and sites[0].spec.causal
+    assert sites[0].operands["mask_note"] == "key_padding" and sites[0].spec.empty_rows == "average"
 
 
 def test_fill_scaled_past_the_dtype_range_becomes_minus_inf():
