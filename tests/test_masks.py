@@ -159,3 +159,27 @@ def test_generation_with_left_padding_uses_key_padding():
     torch._dynamo.reset()
     lm.forward = torch.compile(lm.forward, backend="flashfuse", options=FAST)
     assert torch.equal(lm.generate(**kwargs), expected)
+
+
+# -- spellings that are not masks ---------------------------------------------------------------------------------
+
+class PerHeadTemperature(torch.nn.Module):
+    """A learned temperature per head multiplying the scores: a per-head scale, folded into q."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = torch.nn.Parameter(torch.rand(H, 1, 1, generator=torch.Generator().manual_seed(5)) + 0.5)
+
+    def forward(self, q, k, v):
+        return torch.softmax((q @ k.mT) * self.temperature, -1) @ v
+
+
+def test_learned_per_head_temperature():
+    site = assert_equivalent(PerHeadTemperature(), *_qkv(), expected_sites=1, options=FAST)[0]
+    assert site.operands["runtime_scale"]
+
+
+def test_per_query_scale_is_not_a_scale():
+    fn = lambda q, k, v, t: torch.softmax((q @ k.mT) * t, -1) @ v  # noqa: E731
+    site = assert_equivalent(fn, *_qkv(), torch.rand(N, 1) + 0.5, expected_sites=0, options=FAST)[0]
+    assert "scores multiplied by a tensor" in site.reason

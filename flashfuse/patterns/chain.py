@@ -21,6 +21,15 @@ def rounded(value, node):
     return torch.tensor(value, dtype=torch.float64).to(tensor_of(node).dtype).item()
 
 
+def _row_scale(other, scores):
+    """A float tensor that scales whole score matrices (a learned per-head temperature of shape (H, 1, 1)): size 1
+    on the query and key dims and no more dims than the scores, so multiplying q by it is the same product."""
+    t, s = tensor_of(other), tensor_of(scores)
+    if t is None or s is None or not t.is_floating_point() or t.dim() < 2 or t.dim() > s.dim():
+        return False
+    return t.shape[-1] == 1 and t.shape[-2] == 1
+
+
 def chain_back(x, depth=0):
     """Ops from the product to the softmax input, product first; None if no product is reached."""
     if not isinstance(x, Node) or depth > 32:
@@ -68,11 +77,14 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
             state["capped"] = True
             return
         if c is None:
-            if not runtime_scalar(other):
-                raise Refuse(f"scores multiplied by a tensor of shape {tuple(tensor_of(other).shape)}"
+            if not (runtime_scalar(other) or _row_scale(other, prev)):
+                raise Refuse(f"scores multiplied by a tensor of shape {tuple(tensor_of(other).shape)}: only a "
+                             "scalar, or a scale per batch / head (size 1 on the query and key dims), is a scale"
                              if tensor_of(other) is not None else "scores multiplied by an unknown value")
             if plan.bias or plan.masks or plan.spec.softcap:
                 raise Refuse("a tensor scale applied after a bias, mask or softcap")
+            if not runtime_scalar(other) and shape_of(prev) != tuple(plan.scores_shape):
+                raise Refuse("a per-head scale applied in a layout the softmax regroups")
             plan.scale_tensors.append((other, kind))
             return
         c = 1.0 / c if kind == "div" else c
