@@ -183,3 +183,20 @@ def test_per_query_scale_is_not_a_scale():
     fn = lambda q, k, v, t: torch.softmax((q @ k.mT) * t, -1) @ v  # noqa: E731
     site = assert_equivalent(fn, *_qkv(), torch.rand(N, 1) + 0.5, expected_sites=0, options=FAST)[0]
     assert "scores multiplied by a tensor" in site.reason
+
+
+def test_windowed_attention_with_two_leading_batch_dims():
+    """Scores (B, windows, H, N, N), as windowed attention computes them, with a relative-position bias per head
+    and an additive mask per window: the leading dims fold into one batch dim."""
+    gen = torch.Generator().manual_seed(2)
+    windows = 3
+    q, k, v = (torch.randn(B, windows, H, N, D, generator=gen) for _ in range(3))
+    rel = torch.randn(H, N, N, generator=gen)
+    window_mask = torch.where(torch.rand(windows, N, N, generator=gen) > 0.3, 0.0, -100.0)
+
+    def fn(q, k, v, rel, window_mask):
+        s = q @ k.transpose(-2, -1) * D ** -0.5 + rel[None, None] + window_mask[None, :, None]
+        return torch.softmax(s, -1) @ v
+
+    site = assert_equivalent(fn, q, k, v, rel, window_mask, expected_sites=1, options=FAST)[0]
+    assert site.shape == (B, windows, H, N, N) and site.operands["bias"]

@@ -32,8 +32,9 @@ def match_softmax(softmax):
     dim = op.args["dim"]
     if not isinstance(dim, int) or dim % t.dim() != t.dim() - 1:
         raise Refuse(f"softmax over dim {dim}, not the last (key) dim")
-    if t.dim() > 4 or t.dim() < 2:
-        raise Refuse(f"scores of rank {t.dim()}: only (N, N), (B*H, N, N) and (B, H, N, N) are handled")
+    if t.dim() > 5 or t.dim() < 2:
+        raise Refuse(f"scores of rank {t.dim()}: only (N, N), (B*H, N, N), (B, H, N, N) and (B, W, H, N, N) are "
+                     "handled")
     path = chain_back(x)
     if path is None:
         raise Refuse("no q.kT product found before the softmax")

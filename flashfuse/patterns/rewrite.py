@@ -141,8 +141,30 @@ def _regroup_term(b, plan, node, layout, what):
     return b("reshape", full, *sizes, *tail, method=True)
 
 
+def _fold_leading(b, plan, node, what):
+    """Rank-5 scores (B, windows, H, N, N): an operand's two leading batch dims as one, so the op sees 4-D."""
+    if len(plan.scores_shape) != 5:
+        return node
+    if meta(node).dim() != 5:
+        raise Refuse(f"{what} broadcasts over the leading batch dims of rank-5 scores")
+    return b("flatten", node, 0, 1, method=True)
+
+
+def _fold_term(b, plan, node):
+    """A bias or mask term of rank-5 scores, its two leading dims as one (expanded first when they broadcast)."""
+    if len(plan.scores_shape) != 5:
+        return node
+    while meta(node).dim() < 5:
+        node = b(torch.unsqueeze, node, 0)
+    lead = shape_of(node)[:2]
+    if not all(known_equal(n, 1) for n in lead):
+        sizes = [_size(b, plan.scores_node, i) for i in range(2)]
+        node = b("expand", node, *sizes, -1, -1, -1, method=True)
+    return b("flatten", node, 0, 1, method=True)
+
+
 def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
-    if len(plan.scores_shape) > 4:
+    if len(plan.scores_shape) > 5:
         raise Refuse(f"scores of rank {len(plan.scores_shape)}")
     q, k, v = plan.q.node, plan.k.node, plan.v.node
     if plan.k.transpose:
@@ -158,7 +180,7 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
         k = b("to", k, dtype, method=True)
     if meta(v).dtype != dtype:
         v = b("to", v, dtype, method=True)
-    q, k, v = _to_4d(b, q), _to_4d(b, k), _to_4d(b, v)
+    q, k, v = (_to_4d(b, _fold_leading(b, plan, t, what)) for t, what in ((q, "q"), (k, "k"), (v, "v")))
     (bq, hq), (bk, hk), (bv, hv) = shape_of(q)[:2], shape_of(k)[:2], shape_of(v)[:2]
     gk, gv = plan.k.group, plan.v.group
     if not (known_equal(bk, bv) and known_equal(hk * gk, hv * gv)):
@@ -199,7 +221,7 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
 def _combined_bias(b, plan, full):
     total = None
     for node, coeff, layout in plan.bias:
-        node = _regroup_term(b, plan, node, layout, "bias")
+        node = _fold_term(b, plan, _regroup_term(b, plan, node, layout, "bias"))
         term = node if coeff == 1 else b(torch.mul, node, float(coeff))
         total = term if total is None else b(torch.add, total, term)
     return None if total is None else _broadcast_arg(b, total, full, "bias")
@@ -208,7 +230,7 @@ def _combined_bias(b, plan, full):
 def _combined_mask(b, plan, full):
     keep = None
     for node, keeps, layout in plan.masks:
-        node = _regroup_term(b, plan, node, layout, "mask")
+        node = _fold_term(b, plan, _regroup_term(b, plan, node, layout, "mask"))
         term = node if keeps else b(torch.logical_not, node)
         keep = term if keep is None else b(torch.logical_and, keep, term)
     return None if keep is None else _broadcast_arg(b, keep, full, "mask")
