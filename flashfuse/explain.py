@@ -17,18 +17,24 @@ class Report:
 
     def __str__(self):
         rows = [("site", "kind", "rewritten", "scores shape", "spec or reason")]
-        for s in self.sites:
+        attention = [s for s in self.sites if s.attention]
+        others = [s for s in self.sites if not s.attention]
+        for s in attention + others:
             detail = s.describe() if s.rewritten else (s.reason or "")
-            rows.append((s.node, s.kind, "yes" if s.rewritten else "no", str(s.shape or ""), detail))
+            kind = s.kind if s.attention else "not attention"
+            rows.append((s.node, kind, "yes" if s.rewritten else "no", str(s.shape or ""), detail))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
         lines.insert(1, "-" * len(lines[0]))
-        lines.append(f"{self.rewritten} of {len(self.sites)} attention sites rewritten")
-        others = {}
+        lines.append(f"{self.rewritten} of {len(attention)} attention sites rewritten")
+        if others:
+            lines.append(f"{len(others)} other softmaxes (no q.kT product before, no p.v product after) are not "
+                         "attention and not counted")
+        paths = {}
         for s in self.sites:
             if s.rewritten and s.path[0] != "triton":
-                others.setdefault(s.path, []).append(s.node)
-        for (name, why), nodes in others.items():
+                paths.setdefault(s.path, []).append(s.node)
+        for (name, why), nodes in paths.items():
             lines.append(f"{len(nodes)} of them run the {name} path, not the Triton kernels: {why}")
         return "\n".join(lines)
 

@@ -14,7 +14,7 @@ from flashfuse.kernels import op as flash_op
 from flashfuse.kernels.spec import AttentionSpec
 from flashfuse.patterns import rewrite
 from flashfuse.patterns.inplace import functionalize_inplace
-from flashfuse.patterns.match import Refuse, is_softmax, match_softmax, sdpa_plan
+from flashfuse.patterns.match import Refuse, is_attention, is_softmax, match_softmax, sdpa_plan
 from flashfuse.patterns.ops import classify
 
 log = logging.getLogger("flashfuse")
@@ -31,6 +31,7 @@ class Site:
     operands: dict = field(default_factory=dict)  # bias, mask, gqa, runtime_scale (Plan.operands)
     shape: Optional[tuple] = None
     path: tuple = ("triton", "")  # (implementation the op will run, why when it is not the Triton kernels)
+    attention: bool = True  # False: a softmax with no q.kT product before it and no p.v product after (a router)
 
     def describe(self):
         """The spec and operands in short text, e.g. `scale=0.125 causal key_padding gqa=4`: the mask as found is
@@ -81,6 +82,7 @@ def _rewrite(gm, sdpa):
             log.info("flashfuse: rewrote %s %s as %s", op.kind, node.name, site.describe())
         except Refuse as why:
             site.reason = str(why)
+            site.attention = is_attention(node)
             log.info("flashfuse: left %s %s as it was: %s", op.kind, node.name, why)
         except Exception as exc:
             site.reason = f"internal error: {exc!r}"

@@ -200,3 +200,32 @@ def test_windowed_attention_with_two_leading_batch_dims():
 
     site = assert_equivalent(fn, q, k, v, rel, window_mask, expected_sites=1, options=FAST)[0]
     assert site.shape == (B, windows, H, N, N) and site.operands["bias"]
+
+
+# -- reports ------------------------------------------------------------------------------------------------------
+
+class Router(torch.nn.Module):
+    """A mixture-of-experts gate: softmax over a linear layer's logits, then top-k. Not attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(D, 4)
+
+    def forward(self, x):
+        return torch.softmax(self.gate(x), -1).topk(2, -1).values.sum()
+
+
+def test_a_router_softmax_is_listed_apart_and_not_counted():
+    report = flashfuse.explain(Router(), torch.randn(5, D))
+    assert len(report.sites) == 1 and not report.sites[0].attention
+    assert "0 of 0 attention sites rewritten" in str(report) and "not attention" in str(report)
+
+
+def test_attention_sink_refusal_names_the_cat():
+    def fn(q, k, v):
+        s = q @ k.mT * D ** -0.5
+        p = torch.softmax(torch.cat([s, torch.zeros(B, H, N, 1)], -1), -1)[..., :-1]
+        return p @ v
+
+    site = assert_equivalent(fn, *_qkv(), expected_sites=0, options=FAST)[0]
+    assert site.attention and "concatenated" in site.reason and "cat" in site.reason

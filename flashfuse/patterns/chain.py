@@ -56,6 +56,28 @@ def chain_back(x, depth=0):
     return None
 
 
+def obstacle(x):
+    """Why no q.kT product was found before the softmax: the first op, walking back along the scores (each op's
+    first tensor input), that the chain cannot pass, named as the graph names it."""
+    node = x
+    for _ in range(32):
+        if not isinstance(node, Node):
+            return "the scores are not computed in this graph"
+        op = classify(node)
+        kind = op.kind if op is not None else None
+        if kind not in ("mul", "div", "add", "sub", "masked_fill", "where", "cast", "tanh", "view"):
+            name = getattr(node.target, "__name__", node.target) if node.op != "placeholder" else "a graph input"
+            if name == "cat":
+                return (f"the scores are concatenated with another tensor ({node.name}): extra key columns, such as "
+                        "attention sinks, are not supported")
+            return f"the scores come from {name} ({node.name}), not a q.kT product"
+        tensors = [a for a in node.args if isinstance(a, Node) and tensor_of(a) is not None]
+        if not tensors:
+            return f"the scores come from {node.name}"
+        node = max(tensors, key=lambda a: tensor_of(a).dim())  # the scores, not a broadcast operand
+    return "the chain before the softmax is too long"
+
+
 def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on the chain)
     """Fold one chain op (whose chain input is `prev`) into the plan."""
     op = classify(node)

@@ -11,14 +11,14 @@ import torch
 from torch.fx import Node
 
 from flashfuse.patterns import layout, ops
-from flashfuse.patterns.chain import chain_back, fold, rounded
+from flashfuse.patterns.chain import chain_back, fold, obstacle, rounded
 from flashfuse.patterns.ops import classify
 from flashfuse.patterns.plan import Operand, Plan, Refuse, constant, keeps_last_two, real_users, single_user, tensor_of
 from flashfuse.patterns.products import score_product, value_product
 from flashfuse.patterns.sdpa import sdpa_plan
 from flashfuse.patterns.structure import HUGE_FILL, additive_mask, decompose
 
-__all__ = ["Refuse", "Plan", "match_softmax", "sdpa_plan", "is_softmax"]
+__all__ = ["Refuse", "Plan", "match_softmax", "sdpa_plan", "is_softmax", "is_attention"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -37,7 +37,7 @@ def match_softmax(softmax):
                      "handled")
     path = chain_back(x)
     if path is None:
-        raise Refuse("no q.kT product found before the softmax")
+        raise Refuse(f"no q.kT product found before the softmax: {obstacle(x)}")
     plan = Plan(softmax, path[0], None, scores_shape=tuple(t.shape), scores_node=x)
     score_product(path[0], plan)
     state = {}
@@ -206,6 +206,27 @@ def _scaled(node):
     if tensor_of(node) is None or tensor_of(x).dtype != tensor_of(node).dtype:
         return None, None
     return x, (1.0 / c if op.kind == "div" else c)
+
+
+def feeds_product(softmax):
+    """True when the softmax's weights reach a matmul-like product (through casts, views, slices, dropout): p.v."""
+    pending, seen = list(softmax.users), 0
+    while pending and seen < 64:
+        user = pending.pop()
+        seen += 1
+        op = classify(user)
+        if (op is not None and op.kind in ("cast", "view", "dropout")) or ops.target(user) in ops.GETITEM:
+            pending += list(user.users)
+        elif any(value_product(user, arg) is not None for arg in user.all_input_nodes):
+            return True
+    return False
+
+
+def is_attention(softmax):
+    """A softmax is attention when a q.kT product feeds it or its weights feed a p.v product; a router's softmax
+    (a linear layer's logits, then top-k) is neither, and reports list it apart."""
+    op = classify(softmax)
+    return op.kind == "sdpa" or chain_back(op.args["x"]) is not None or feeds_product(softmax)
 
 
 def is_softmax(node):
