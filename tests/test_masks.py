@@ -229,3 +229,17 @@ def test_attention_sink_refusal_names_the_cat():
 
     site = assert_equivalent(fn, *_qkv(), expected_sites=0, options=FAST)[0]
     assert site.attention and "concatenated" in site.reason and "cat" in site.reason
+
+
+def test_sdpa_math_decomposition_with_safe_softmax():
+    """SDPA's math path as aten ops: the scale on q and on k^T (aten.mul.Scalar), aten._safe_softmax (a query that
+    sees no key gives 0, not NaN), here with causal structure and left padding as -inf."""
+    def fn(q, k, v, pad):
+        i, j = _positions()
+        keep = (j <= i) & pad[:, None, None, :]
+        s = torch.ops.aten.mul.Scalar(q, D ** -0.25) @ torch.ops.aten.mul.Scalar(k.mT, D ** -0.25)
+        return torch.ops.aten._safe_softmax(torch.where(keep, s, float("-inf")), -1) @ v
+
+    site = _site(fn, _padding("left"))
+    assert site.spec.causal and site.spec.empty_rows == "zero" and site.operands["mask_note"] == "key_padding"
+    assert site.spec.scale == pytest.approx(D ** -0.5)

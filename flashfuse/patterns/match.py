@@ -39,6 +39,8 @@ def match_softmax(softmax):
     if path is None:
         raise Refuse(f"no q.kT product found before the softmax: {obstacle(x)}")
     plan = Plan(softmax, path[0], None, scores_shape=tuple(t.shape), scores_node=x)
+    if op.args["safe"]:
+        plan.update(empty_rows="zero")  # aten._safe_softmax: a query that sees no key gives 0
     score_product(path[0], plan)
     state = {}
     for prev, node in zip(path, path[1:]):

@@ -29,12 +29,15 @@ def _targets(*names_and_fns):
 
 MATMUL = _targets(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__")
 BADDBMM = _targets(torch.baddbmm, "baddbmm")
-MUL = _targets(torch.mul, operator.mul, torch.multiply, "mul", "__mul__", "multiply", "__rmul__")
+_aten = torch.ops.aten
+MUL = _targets(torch.mul, operator.mul, torch.multiply, "mul", "__mul__", "multiply", "__rmul__", _aten.mul.Tensor,
+               _aten.mul.Scalar)
 DIV = _targets(torch.div, operator.truediv, torch.true_divide, torch.divide, "div", "true_divide", "divide",
                "__truediv__")
 ADD = _targets(torch.add, operator.add, "add", "__add__", "__radd__")
 SUB = _targets(torch.sub, operator.sub, torch.subtract, "sub", "subtract", "__sub__")
 SOFTMAX = _targets(torch.softmax, F.softmax, torch.special.softmax, "softmax")
+SAFE_SOFTMAX = _targets(_aten._safe_softmax, _aten._safe_softmax.default)  # SDPA math: a row of -inf gives 0
 MASKED_FILL = _targets(torch.masked_fill, "masked_fill")
 WHERE = _targets(torch.where, "where")
 TANH = _targets(torch.tanh, F.tanh, "tanh")
@@ -50,7 +53,8 @@ INPLACE = {operator.imul: MUL, operator.itruediv: DIV, operator.iadd: ADD, opera
 SAME_DIMS = _targets("contiguous", "clone", "float", "half", "bfloat16", "double", "to", "type", "type_as", "neg",
                      "__neg__", operator.neg, torch.neg, torch.clone, "detach", torch.detach)
 ELEMENTWISE = _targets(operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub,
-                       torch.div, "add", "mul", "sub", "div", "__add__", "__mul__", "__sub__", "__truediv__")
+                       torch.div, "add", "mul", "sub", "div", "__add__", "__mul__", "__sub__", "__truediv__",
+                       _aten.mul.Tensor, _aten.mul.Scalar)
 TRANSPOSE = _targets("transpose", torch.transpose, "swapaxes", "swapdims")
 MATRIX_TRANSPOSE = _targets("mT", getattr(torch.ops.aten, "mT", "mT"))
 PERMUTE = _targets("permute", torch.permute)
@@ -149,8 +153,9 @@ def _classify(node, key):  # noqa: C901  (one table of spellings)
     if key in ADD or key in SUB:
         alpha = node.kwargs.get("alpha", 1)
         return Op("add" if key in ADD else "sub", {"x": a[0], "y": _arg(node, 1, "other"), "alpha": alpha})
-    if key in SOFTMAX:
-        return Op("softmax", {"x": a[0], "dim": _arg(node, 1, "dim"), "dtype": _softmax_dtype(node)})
+    if key in SOFTMAX or key in SAFE_SOFTMAX:
+        return Op("softmax", {"x": a[0], "dim": _arg(node, 1, "dim"), "dtype": _softmax_dtype(node),
+                              "safe": key in SAFE_SOFTMAX})
     if key in MASKED_FILL:
         return Op("masked_fill", {"x": a[0], "mask": _arg(node, 1, "mask"), "value": _arg(node, 2, "value")})
     if key in WHERE and len(a) + len(node.kwargs) == 3:
@@ -194,6 +199,8 @@ def _softmax_dtype(node):
         return node.kwargs["dtype"]
     if node.op == "call_function" and node.target is F.softmax and len(node.args) > 3:
         return node.args[3]
+    if node.op == "call_function" and node.target in SAFE_SOFTMAX and len(node.args) > 2:
+        return node.args[2]
     return None
 
 
