@@ -243,3 +243,17 @@ def test_sdpa_math_decomposition_with_safe_softmax():
     site = _site(fn, _padding("left"))
     assert site.spec.causal and site.spec.empty_rows == "zero" and site.operands["mask_note"] == "key_padding"
     assert site.spec.scale == pytest.approx(D ** -0.5)
+
+
+def test_baddbmm_with_a_bias_expanded_from_a_smaller_one():
+    """baddbmm over (B * H) with an additive (B * H, N, N) bias built by expanding a (H, N, N) one."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B * H, N, D, generator=gen) for _ in range(3))
+    rel = torch.randn(H, N, N, generator=gen)
+
+    def fn(q, k, v, rel):
+        bias = rel[None].expand(B, H, N, N).reshape(B * H, N, N)
+        return torch.softmax(torch.baddbmm(bias, q, k.transpose(1, 2), beta=1.0, alpha=D ** -0.5), -1) @ v
+
+    site = assert_equivalent(fn, q, k, v, rel, expected_sites=1, options=FAST)[0]
+    assert site.operands["bias"] and site.spec.scale == pytest.approx(D ** -0.5)
