@@ -54,12 +54,16 @@ def explain(model, *args, **kwargs) -> Report:
     listener = report.sites.extend
     backend._LISTENERS.append(listener)
     try:
-        compiled = torch.compile(model, backend=_explain_backend)
+        compiled = torch.compile(model, backend=_explain_backend())
         compiled(*args, **kwargs)
     finally:
         backend._LISTENERS.remove(listener)
     return report
 
 
-def _explain_backend(gm, example_inputs):
-    return backend.flashfuse_backend(gm, example_inputs, options={"compiler": "eager"})
+def _explain_backend():
+    """A new backend per call: Dynamo guards its cached graphs on the backend, so a second model of the same class
+    is traced (and reported) again instead of reusing the first one's graphs."""
+    def explain_backend(gm, example_inputs):
+        return backend.flashfuse_backend(gm, example_inputs, options={"compiler": "eager"})
+    return explain_backend

@@ -40,7 +40,7 @@ class Site:
         if self.spec is None:
             return ""
         note = self.operands.get("mask_note", "")
-        extra = [name for name in ("bias", "mask", "runtime_scale") if self.operands.get(name)]
+        extra = [name for name in ("bias", "mask", "runtime_scale", "sink") if self.operands.get(name)]
         if note == "key_padding":
             extra = [name if name != "mask" else note for name in extra]
         elif note:

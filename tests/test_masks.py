@@ -9,7 +9,9 @@ import flashfuse
 from flashfuse.testing import assert_equivalent, models
 from flashfuse.tolerances import FORWARD, GRADIENT, gradients_error, relative_error
 
-WINDOW = {"gpt2": (-1, -1), "llama": (-1, -1), "mistral": (4, -1)}  # mistral's tiny config: sliding_window=5
+# the windows each family's sites may have: the tiny configs' sliding_window=5 is (4, -1); gpt-oss alternates
+# sliding and full layers, and adds an attention sink to every site
+WINDOW = {"gpt2": {(-1, -1)}, "llama": {(-1, -1)}, "mistral": {(4, -1)}, "gpt_oss_sinks": {(4, -1), (-1, -1)}}
 OP = ("flashfuse::fwd", "flashfuse::opaque_fwd")
 
 
@@ -32,10 +34,11 @@ def _op_input_shapes(fn):
 def test_padded_batch_is_structure_plus_key_padding(family, side):
     model, inputs = models.build(family, padding=side, seq=24)  # longer than the head dim (16)
     n = inputs["input_ids"].shape[1]
-    sites = flashfuse.explain(model, **inputs).sites
+    sites = [s for s in flashfuse.explain(model, **inputs).sites if s.attention]  # gpt-oss: routers apart
     assert len(sites) == 2 and all(s.rewritten for s in sites)
+    assert all(s.operands["sink"] == (family == "gpt_oss_sinks") for s in sites)
     for site in sites:
-        assert site.spec.causal and site.spec.window == WINDOW[family] and site.operands["mask_note"] == "key_padding"
+        assert site.spec.causal and site.spec.window in WINDOW[family] and site.operands["mask_note"] == "key_padding"
         assert "key_padding" in site.describe()
     expected, expected_grads = _run(model, inputs)  # the loss covers the padded positions too
     torch._dynamo.reset()
@@ -221,10 +224,34 @@ def test_a_router_softmax_is_listed_apart_and_not_counted():
     assert "0 of 0 attention sites rewritten" in str(report) and "not attention" in str(report)
 
 
-def test_attention_sink_refusal_names_the_cat():
+class Sinks(torch.nn.Module):
+    """gpt-oss's eager attention: a learned logit per head as an extra key column, a row-max shift, the column
+    sliced off after the softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.sinks = torch.nn.Parameter(torch.randn(H, generator=torch.Generator().manual_seed(6)))
+
+    def forward(self, q, k, v, pad):
+        i, j = _positions()
+        s = q @ k.transpose(2, 3) * D ** -0.5 + _additive((j <= i) & pad[:, None, None, :])
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        logits = torch.cat([s, sinks], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        return torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1] @ v
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_attention_sinks(side):
+    """Forward and gradients (q, k, v and the sinks) equal eager's, fully hidden rows included."""
+    site = assert_equivalent(Sinks(), *_qkv(), _padding(side), expected_sites=1, options=FAST)[0]
+    assert site.operands["sink"] and site.spec.causal and site.operands["mask_note"] == "key_padding"
+
+
+def test_a_cat_that_is_no_sink_is_refused_by_name():
     def fn(q, k, v):
         s = q @ k.mT * D ** -0.5
-        p = torch.softmax(torch.cat([s, torch.zeros(B, H, N, 1)], -1), -1)[..., :-1]
+        p = torch.softmax(torch.cat([s, torch.zeros(B, H, N, 2)], -1), -1)[..., :-2]
         return p @ v
 
     site = assert_equivalent(fn, *_qkv(), expected_sites=0, options=FAST)[0]

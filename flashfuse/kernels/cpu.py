@@ -125,18 +125,19 @@ def _forward(q, k, v, bias, mask, seed, spec):
     return _empty_rows_to_zero((o / l).to(q.dtype), stats[0], spec), stats
 
 
-def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad):
-    """Blockwise backward, recomputing p from stats. Returns dq, dk, dv (shapes of q, k, v) and dbias or None."""
-    dq, dk, dv, dbias = _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad)
+def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse=None):
+    """Blockwise backward, recomputing p from stats. Returns dq, dk, dv (shapes of q, k, v) and dbias or None.
+    dlse (B, Hq, Nq) or None: the gradient of the rows' logsumexp (stats[0] + stats[1])."""
+    dq, dk, dv, dbias = _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse)
     return (*hidden_rows.finish_backward((dq, dk, dv), dout, q, k, v, stats, spec), dbias)
 
 
-def _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad):
+def _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse=None):
     if empty.is_empty(q, k):
         return empty.backward(q, k, v, bias, bias_grad)
     nq, nk = q.shape[2], k.shape[2]
     lse = stats[0] + stats[1]
-    if _fused_ok(q, k, v, bias, mask, spec, bias_grad) and not bool(_saturated(lse).any()) \
+    if dlse is None and _fused_ok(q, k, v, bias, mask, spec, bias_grad) and not bool(_saturated(lse).any()) \
             and not bool(torch.isneginf(lse).any()):
         qx, kx, vx, bx = _fused_args(q, k, v, bias)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -148,7 +149,10 @@ def _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad):
     row_max, log_sum = stats[0].to(acc)[..., None], stats[1].to(acc)[..., None]
     # rows that saw no key (max -inf) get p = 0 and delta = 0, so nothing leaks into the gradients
     dead = torch.isneginf(row_max)
-    delta = torch.where(dead, 0.0, (do * out.to(acc)).sum(-1, keepdim=True))  # rowsum(dO * O): (B, Hq, Nq, 1)
+    delta = (do * out.to(acc)).sum(-1, keepdim=True)  # rowsum(dO * O): (B, Hq, Nq, 1)
+    if dlse is not None:  # d logsumexp / d s = p: the row's gradient joins delta
+        delta = delta - dlse.to(acc)[..., None]
+    delta = torch.where(dead, 0.0, delta)
     row_max = torch.where(dead, torch.full_like(row_max, float("inf")), row_max)
     log_sum = torch.where(dead, torch.zeros_like(log_sum), log_sum)
     kx, vx = repeat_kv(k, hq // hkv).to(acc), repeat_kv(v, hq // hkv).to(acc)

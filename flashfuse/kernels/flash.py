@@ -31,12 +31,13 @@ def forward(q, k, v, bias, mask, seed, spec, launch=direct):
     return hidden_rows.finish_forward(out, stats, v, spec)
 
 
-def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch=direct):
-    """dq, dk, dv (shapes and dtypes of q, k, v) and dbias (bias's shape and dtype) or None."""
+def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch=direct, dlse=None):
+    """dq, dk, dv (shapes and dtypes of q, k, v) and dbias (bias's shape and dtype) or None. dlse (B, Hq, Nq) or
+    None: the gradient of the rows' logsumexp, stats[0] + stats[1] (an attention sink's rescale reads it)."""
     if not configs.kernels_hold(q, v) or empty.is_empty(q, k):
-        return cpu.backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad)
+        return cpu.backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse)
     q, k, v, dout = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), unit_last_stride(dout)
     seed = seed if spec.random else None
     dq, dk, dv, dbias = flash_bwd.backward(dout, q, k, v, bias, as_bytes(mask), seed, out, stats, spec, bias_grad,
-                                           launch)
+                                           launch, dlse)
     return (*hidden_rows.finish_backward((dq, dk, dv), dout, q, k, v, stats, spec), dbias)

@@ -161,8 +161,9 @@ def _dkdv_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, DBias, dK, dV,
              mask=kv_valid & (offs_dv[None, :] < DV))
 
 
-def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch):
-    """Launch dQ (which writes delta), then dK/dV. mask is uint8; stats (2, B, Hq, Nq) as the forward wrote them.
+def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch, dlse=None):
+    """Launch dQ (which writes delta), then dK/dV. mask is uint8; stats (2, B, Hq, Nq) as the forward wrote them;
+    dlse (B, Hq, Nq) or None: the gradient of each row's logsumexp (it enters as delta - dlse).
     Returns dq, dk, dv, dbias (or None)."""
     b, hq, nq, d = q.shape
     hkv, nk, dv_ = k.shape[1], k.shape[2], v.shape[-1]
@@ -170,7 +171,10 @@ def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launc
     head = max(head_d, head_dv)
     stats = stats.float().contiguous()
     out = out.contiguous()
-    delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=q.device)
+    if dlse is None:
+        delta = torch.empty(stats.shape[1:], dtype=torch.float32, device=q.device)
+    else:
+        delta = -dlse.to(torch.float32).contiguous()
     dq = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, hkv, nk, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, hkv, nk, dv_), dtype=v.dtype, device=v.device)
@@ -190,7 +194,7 @@ def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launc
     flags = dict(constexprs(spec, bias, mask, q.dtype), D=d, DV=dv_, HEAD_D=head_d, HEAD_DV=head_dv)
     cfg = configs.default("dq", head)
     launch(_dq_kernel, (configs.cdiv(nq, cfg["BLOCK_M"]), b * hq))(
-        *tensors, dq, out, *strides, hq, hq // hkv, nq, nk, spec.mask_value, **flags, **cfg)
+        *tensors, dq, out, *strides, hq, hq // hkv, nq, nk, spec.mask_value, **flags, **cfg, DELTA_IN=dlse is not None)
     cfg = configs.default("dkdv", head)
     launch(_dkdv_kernel, (configs.cdiv(nk, cfg["BLOCK_N"]), b * hkv))(
         *tensors, dbias, dk, dv, *strides, *broadcast_strides(dbias if bias_grad else None), hq, hq // hkv, nq, nk,

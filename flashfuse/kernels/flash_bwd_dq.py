@@ -68,8 +68,10 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
                n_heads, group, n_queries, n_keys, mask_value,
                SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, RAW: tl.constexpr,
-               PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+               PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, DELTA_IN: tl.constexpr, D: tl.constexpr,
+               DV: tl.constexpr,
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # DELTA_IN: Delta arrives holding -dlse, the gradient of each row's logsumexp, which joins delta
     pid_m = tl.program_id(0)
     if RIGHT >= 0:  # causal-like: later query blocks see more keys, so start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -88,6 +90,8 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
     # delta = rowsum(dO * O), O contiguous; 0 on rows that saw no key (row_max +inf here; their O is NaN or 0)
     delta = _row_dot(Out + row[:, None] * DV, dO + b * sdb + h * sdh + i[:, None] * sdm, i[:, None] < n_queries,
                      DV, HEAD_DV)
+    if DELTA_IN:
+        delta += tl.load(Delta + row, mask=i < n_queries, other=0.0)
     delta = tl.where(row_max == float("inf"), 0.0, delta)
     tl.store(Delta + row, delta, mask=i < n_queries)
     # load q and dO: they stay in registers throughout

@@ -1,11 +1,13 @@
 """The `flashfuse` op family that every rewrite calls, with the spec as one string (spec.py):
 
     torch.ops.flashfuse.fwd(q, k, v, bias, mask, seed, spec) -> (out, stats)
-    torch.ops.flashfuse.bwd(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad) -> (dq, dk, dv, dbias)
+    torch.ops.flashfuse.bwd(dout, q, k, v, bias, mask, seed, out, stats, dlse, spec, bias_grad) -> (dq, dk, dv, dbias)
 
 bias, mask and seed are optional tensors (seed: int64 (1,), drawn by `new_seed`, when spec.random);
 stats (2, B, Hq, Nq) holds each row's max score and log-sum (cpu.py says why both). dbias is empty unless
-bias_grad. `fwd` has autograd, so graphs that call it train.
+bias_grad. `fwd` has autograd, so graphs that call it train. The stats are differentiable as their sum, the
+row's logsumexp (an attention sink's rescale reads it; rewrite.py): a gradient reaching stats[1] is taken as
+the logsumexp's (dlse), one reaching stats[0] alone is not followed.
 
 Both are `torch.library.triton_op`s: on CUDA tensors torch.compile sees the Triton kernel launches inside them
 and inductor launches the kernels from its own generated code (no Python dispatch per call; CUDA graphs
@@ -86,13 +88,13 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[
 
 @triton_op("flashfuse::bwd", mutates_args=())
 def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-        seed: Optional[Tensor], out: Tensor, stats: Tensor, spec: str,
+        seed: Optional[Tensor], out: Tensor, stats: Tensor, dlse: Optional[Tensor], spec: str,
         bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if not _visible_kernels(q, v):
-        return torch.ops.flashfuse.opaque_bwd(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad)
+        return torch.ops.flashfuse.opaque_bwd(dout, q, k, v, bias, mask, seed, out, stats, dlse, spec, bias_grad)
     from flashfuse.kernels import flash
     dq, dk, dv, dbias = flash.backward(dout, q, k, v, bias, mask, seed, out, stats, AttentionSpec.decode(spec),
-                                       bias_grad, launch=_traceable)
+                                       bias_grad, launch=_traceable, dlse=dlse)
     return dq, dk, dv, (q.new_empty(0) if dbias is None else dbias)
 
 
@@ -111,17 +113,17 @@ def _(q, k, v, bias, mask, seed, spec):
 
 @torch.library.custom_op("flashfuse::opaque_bwd", mutates_args=())
 def opaque_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-               seed: Optional[Tensor], out: Tensor, stats: Tensor, spec: str,
+               seed: Optional[Tensor], out: Tensor, stats: Tensor, dlse: Optional[Tensor], spec: str,
                bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, impl = _implementation(q, v)
     dq, dk, dv, dbias = impl.backward(dout, q, k, v, bias, mask, seed, out, stats, AttentionSpec.decode(spec),
-                                      bias_grad)
+                                      bias_grad, dlse=dlse)
     dbias = q.new_empty(0) if dbias is None else dbias.contiguous()
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
 
 
 @opaque_bwd.register_fake
-def _(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad):
+def _(dout, q, k, v, bias, mask, seed, out, stats, dlse, spec, bias_grad):
     dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias_grad else q.new_empty(0)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -144,11 +146,15 @@ def _setup_context(ctx, inputs, output):
     ctx.spec = spec
     ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
     ctx.save_for_backward(q, k, v, bias, mask, seed, *output)
+    ctx.set_materialize_grads(False)  # the stats' gradient stays None unless a graph reads them (a sink's rescale)
 
 
-def _backward(ctx, dout, _dstats):
+def _backward(ctx, dout, dstats):
     q, k, v, bias, mask, seed, out, stats = ctx.saved_tensors
-    dq, dk, dv, dbias = bwd(dout, q, k, v, bias, mask, seed, out, stats, ctx.spec, ctx.bias_grad)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dlse = None if dstats is None else dstats[1]
+    dq, dk, dv, dbias = bwd(dout, q, k, v, bias, mask, seed, out, stats, dlse, ctx.spec, ctx.bias_grad)
     return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None
 
 

@@ -10,7 +10,7 @@ import math
 import torch
 from torch.fx import Node
 
-from flashfuse.patterns import layout, ops
+from flashfuse.patterns import layout, ops, sinks
 from flashfuse.patterns.chain import chain_back, fold, obstacle, rounded
 from flashfuse.patterns.ops import classify
 from flashfuse.patterns.plan import Operand, Plan, Refuse, constant, keeps_last_two, real_users, single_user, tensor_of
@@ -32,13 +32,15 @@ def match_softmax(softmax):
     dim = op.args["dim"]
     if not isinstance(dim, int) or dim % t.dim() != t.dim() - 1:
         raise Refuse(f"softmax over dim {dim}, not the last (key) dim")
+    x, sink, sink_nodes = sinks.peel(x)
+    t = tensor_of(x)
     if t.dim() > 5 or t.dim() < 2:
         raise Refuse(f"scores of rank {t.dim()}: only (N, N), (B*H, N, N), (B, H, N, N) and (B, W, H, N, N) are "
                      "handled")
     path = chain_back(x)
     if path is None:
         raise Refuse(f"no q.kT product found before the softmax: {obstacle(x)}")
-    plan = Plan(softmax, path[0], None, scores_shape=tuple(t.shape), scores_node=x)
+    plan = Plan(softmax, path[0], None, scores_shape=tuple(t.shape), scores_node=x, sink=sink)
     if op.args["safe"]:
         plan.update(empty_rows="zero")  # aten._safe_softmax: a query that sees no key gives 0
     score_product(path[0], plan)
@@ -49,8 +51,10 @@ def match_softmax(softmax):
     if state.get("tanh"):
         raise Refuse("tanh on the scores is not followed by a multiply (not a softcap)")
     single_user(path[-1], "the scores")
-    plan.chain = list(path)
+    plan.chain = list(path) + sink_nodes
     _take_structure(plan)
+    if sink is not None and plan.spec.empty_rows == "nan":
+        plan.update(empty_rows="zero")  # the sink takes all the weight of a query that sees no key: 0
     plan.output = _after_softmax(softmax, plan)
     _check_operands(plan)
     return plan
@@ -116,6 +120,9 @@ def _the_mask(plan):
 def _after_softmax(softmax, plan):
     p = softmax
     plan.chain.append(softmax)
+    if plan.sink is not None:
+        p = sinks.sliced_weights(softmax, plan.scores_shape[-1])
+        plan.chain.append(p)
     while True:
         user = single_user(p, "the attention weights")
         op = classify(user)

@@ -39,6 +39,7 @@ class Plan:
     scores_shape: tuple = ()  # the layout the softmax sees; q, k, v, bias and mask are brought to it
     scores_node: Node = None  # a node of that shape, for its sizes
     p: Node = None  # the weights as p.v reads them
+    sink: Node = None  # an attention sink's logits (..., Nq, 1) in the scores' layout (sinks.py), or None
     mask_note: str = ""  # the mask as found, for reports: "key_padding", or "tensor: why no structure was proven"
     bypass: list = field(default_factory=list)  # scalar mul/div nodes on q/k folded into `scale`
     chain: list = field(default_factory=list)  # nodes made dead by the rewrite
@@ -50,7 +51,7 @@ class Plan:
     def operands(self):
         """What the op is handed besides q, k, v, for reports: bias, mask, GQA group, a runtime scale."""
         return {"bias": bool(self.bias), "mask": bool(self.masks), "gqa": max(self.k.group, 1) if self.k else 1,
-                "runtime_scale": bool(self.scale_tensors), "mask_note": self.mask_note}
+                "runtime_scale": bool(self.scale_tensors), "mask_note": self.mask_note, "sink": self.sink is not None}
 
 
 def shape_of(node):

@@ -207,6 +207,8 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
     seed = b(flash_op.new_seed, q) if plan.spec.random else None
     fused = b(torch.ops.flashfuse.fwd.default, q, k, v, bias, mask, seed, plan.spec.encode())
     out = b(operator.getitem, fused, 0)
+    if plan.sink is not None:
+        out = _sink_rescale(b, plan, fused, out, full)
     want = meta(plan.output)
     while meta(out).dim() > len(plan.scores_shape):
         out = b(torch.squeeze, out, 0)
@@ -216,6 +218,17 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
     if meta(out).dtype != want.dtype:
         out = b("to", out, want.dtype, method=True)
     return out
+
+
+def _sink_rescale(b, plan, fused, out, full):
+    """out * sigmoid(lse - sink): the sink's share of each row's softmax denominator (patterns/sinks.py)."""
+    stats = b(operator.getitem, fused, 1)
+    lse = b(torch.add, b(operator.getitem, stats, 0), b(operator.getitem, stats, 1))  # (B, Hq, Nq), fp32
+    sink = _broadcast_arg(b, _fold_term(b, plan, plan.sink), full[:3] + (1,), "sink")
+    if meta(sink).dtype != meta(lse).dtype:
+        sink = b("to", sink, meta(lse).dtype, method=True)
+    weight = b(torch.sigmoid, b(torch.sub, b(torch.unsqueeze, lse, -1), sink))
+    return b("to", b(torch.mul, out, weight), meta(out).dtype, method=True)
 
 
 def _combined_bias(b, plan, full):
