@@ -30,7 +30,7 @@ from flashfuse.kernels.spec import AttentionSpec  # noqa: E402
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
           torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "u8"}
 
-# name: (B, Hq, Hkv, Nq, Nk, D, dtype, spec fields, bias shape or None, mask shape or None)
+# name: (B, Hq, Hkv, Nq, Nk, D, dtype, spec fields (and dlse=True: a logsumexp gradient), bias shape, mask shape)
 CASES = {
     "plain d64": (2, 4, 4, 300, 300, 64, torch.bfloat16, {}, None, None),
     "causal d128": (2, 4, 4, 300, 300, 128, torch.bfloat16, dict(causal=True), None, None),
@@ -48,8 +48,8 @@ CASES = {
     "decode mask window": (2, 8, 2, 4, 5000, 64, torch.bfloat16, dict(window=(1000, 0)), None, (2, 1, 1, 5000)),
     "empty rows zero": (2, 4, 4, 300, 200, 64, torch.bfloat16, dict(causal=True, empty_rows="zero"), None, None),
     "key padding causal d64": (2, 4, 2, 300, 300, 64, torch.bfloat16,
-                               dict(causal=True, mask_value=-3.4e38, empty_rows="average", fill_adds=True), None,
-                               (2, 1, 1, 300)),
+                               dict(causal=True, mask_value=-3.4e38, empty_rows="average", fill_adds=True,
+                                    dlse=True), None, (2, 1, 1, 300)),
 }
 
 
@@ -64,12 +64,14 @@ def launches(b, hq, hkv, nq, nk, d, dtype, fields, bias_shape, mask_shape):
         torch.randn(b, hkv, nk, dv, dtype=dtype)
     bias = None if bias_shape is None else torch.randn(bias_shape, dtype=dtype)
     mask = None if mask_shape is None else torch.rand(mask_shape) > 0.5
+    fields = dict(fields)
+    dlse = torch.zeros(b, hq, nq) if fields.pop("dlse", False) else None  # a gradient of the stats (a sink)
     spec = AttentionSpec(scale=d ** -0.5, **fields)
     seed = torch.zeros(1, dtype=torch.int64) if spec.dropout_p else None
     flash.forward(q, k, v, bias, mask, seed, spec, launch=record)
     out, stats = torch.zeros(b, hq, nq, dv, dtype=dtype), torch.zeros(2, b, hq, nq)
     if nq > 16:  # the backward, unless this is a decode case
-        flash.backward(out, q, k, v, bias, mask, seed, out, stats, spec, bias is not None, launch=record)
+        flash.backward(out, q, k, v, bias, mask, seed, out, stats, spec, bias is not None, launch=record, dlse=dlse)
     return recorded
 
 
