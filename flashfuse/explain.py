@@ -42,6 +42,9 @@ class Report:
 def explain(model, *args, **kwargs) -> Report:
     """Compile `model` with flashfuse, run it once on the given inputs, and report every site.
 
+    It resets Dynamo's caches first (torch._dynamo.reset()), so that every graph is traced and reported: functions
+    compiled before recompile on their next call.
+
     Example::
 
         >>> report = flashfuse.explain(model, input_ids)
@@ -54,16 +57,13 @@ def explain(model, *args, **kwargs) -> Report:
     listener = report.sites.extend
     backend._LISTENERS.append(listener)
     try:
-        compiled = torch.compile(model, backend=_explain_backend())
+        torch._dynamo.reset()  # graphs cached for an earlier model of the same code would be reused, unreported
+        compiled = torch.compile(model, backend=_explain_backend)
         compiled(*args, **kwargs)
     finally:
         backend._LISTENERS.remove(listener)
     return report
 
 
-def _explain_backend():
-    """A new backend per call: Dynamo guards its cached graphs on the backend, so a second model of the same class
-    is traced (and reported) again instead of reusing the first one's graphs."""
-    def explain_backend(gm, example_inputs):
-        return backend.flashfuse_backend(gm, example_inputs, options={"compiler": "eager"})
-    return explain_backend
+def _explain_backend(gm, example_inputs):
+    return backend.flashfuse_backend(gm, example_inputs, options={"compiler": "eager"})

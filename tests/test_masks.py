@@ -9,9 +9,11 @@ import flashfuse
 from flashfuse.testing import assert_equivalent, models
 from flashfuse.tolerances import FORWARD, GRADIENT, gradients_error, relative_error
 
-# the windows each family's sites may have: the tiny configs' sliding_window=5 is (4, -1); gpt-oss alternates
-# sliding and full layers, and adds an attention sink to every site
-WINDOW = {"gpt2": {(-1, -1)}, "llama": {(-1, -1)}, "mistral": {(4, -1)}, "gpt_oss_sinks": {(4, -1), (-1, -1)}}
+# family -> (causal, the windows its sites may have): the tiny configs' sliding_window=5 is (4, -1); gpt-oss
+# alternates sliding and full layers and adds an attention sink to every site; BERT's bidirectional mask is
+# `q >= 0` (always true) and the padding
+MASKS = {"gpt2": (True, {(-1, -1)}), "llama": (True, {(-1, -1)}), "mistral": (True, {(4, -1)}),
+         "gpt_oss_sinks": (True, {(4, -1), (-1, -1)}), "bert": (False, {(-1, -1)})}
 OP = ("flashfuse::fwd", "flashfuse::opaque_fwd")
 
 
@@ -30,7 +32,7 @@ def _op_input_shapes(fn):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("family", list(WINDOW))
+@pytest.mark.parametrize("family", list(MASKS))
 def test_padded_batch_is_structure_plus_key_padding(family, side):
     model, inputs = models.build(family, padding=side, seq=24)  # longer than the head dim (16)
     n = inputs["input_ids"].shape[1]
@@ -38,8 +40,9 @@ def test_padded_batch_is_structure_plus_key_padding(family, side):
     assert len(sites) == 2 and all(s.rewritten for s in sites)
     assert all(s.operands["sink"] == (family == "gpt_oss_sinks") for s in sites)
     for site in sites:
-        assert site.spec.causal and site.spec.window in WINDOW[family] and site.operands["mask_note"] == "key_padding"
-        assert "key_padding" in site.describe()
+        causal, windows = MASKS[family]
+        assert site.spec.causal == causal and site.spec.window in windows
+        assert site.operands["mask_note"] == "key_padding" and "key_padding" in site.describe()
     expected, expected_grads = _run(model, inputs)  # the loss covers the padded positions too
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="flashfuse")

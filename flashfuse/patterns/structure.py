@@ -65,6 +65,11 @@ def decompose(cond, keeps, nq, nk):
     left = right = math.inf  # keys j in [i + offset - left, i + offset + right]
     keys = []
     for term, keep in _terms(cond, keeps):
+        truth = _constant_truth(term, nq, nk)
+        if truth is not None:
+            if truth != keep:
+                return f"mask term {term.name} hides every key"
+            continue  # kept everywhere (bidirectional masks: q >= 0), or hides nothing
         bound = _bound(term) if keep or ops.target(term) != ops.ONES_METHOD else None
         if bound is not None:
             kind, value = bound if keep else _hidden_to_kept(bound)
@@ -93,6 +98,27 @@ def _terms(node, keeps):
     if key in ops.MASK_PASS and isinstance(node.args[0], Node):
         return _terms(node.args[0], keeps)
     return [(node, keeps)]
+
+
+def _constant_truth(term, nq, nk):
+    """True / False when a comparison of query (or key) positions with a constant has that value at every
+    position (transformers' bidirectional mask is `q >= 0`); None otherwise."""
+    kind = ops.COMPARE.get(ops.target(term))
+    if kind is None or len(term.args) != 2:
+        return None
+    a, b = term.args
+    index, other = _index(a), b
+    if index is None:
+        index, other = _index(b), a
+        kind = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}[kind]
+    c = _static_int(other) if not isinstance(other, Node) else None
+    n = _static_int(nq if index is not None and index[0] == "q" else nk)
+    if index is None or c is None or n is None or n < 1:
+        return None
+    lo, hi = index[1], index[1] + n - 1  # the positions, arange(n) + start
+    holds = {"le": (hi <= c, lo > c), "lt": (hi < c, lo >= c), "ge": (lo >= c, hi < c), "gt": (lo > c, hi <= c)}
+    always, never = holds[kind]
+    return True if always else False if never else None
 
 
 def _hidden_to_kept(bound):
