@@ -1,0 +1,27 @@
+"""`python -m flashfuse check MODEL`: tiny models from transformers' configs, explained and checked against eager."""
+import json
+
+import pytest
+
+from flashfuse.check import main
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama", "bert", "t5"])
+def test_check_passes_and_reports(model, capsys):
+    assert main([model, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["verdict"].startswith(f"OK: {model}")
+    padded = report["cases"][1]
+    assert padded["padding"] and padded["sites"] == padded["rewritten"] > 0 and "key_padding" in padded["report"]
+
+
+def test_check_reads_a_config_folder(tmp_path, capsys):
+    import transformers
+    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    assert main([str(tmp_path)]) == 0
+    assert "OK: gpt2" in capsys.readouterr().out
+
+
+def test_check_names_a_bad_model(capsys):
+    assert main(["no-such-model"]) == 2
+    assert "MODEL must be a transformers model type" in capsys.readouterr().err
