@@ -18,4 +18,5 @@ def test_family_is_rewritten_and_equivalent(family):
         return models.first_output(model(**dict(zip(names, args))))
     with CountSoftmax() as counter:
         call(*values)
-    assert_equivalent(call, *values, expected_sites=counter.calls, grad=False, options={"compiler": "eager"})
+    expected = counter.calls - models.ROUTERS.get(family, 0)  # a router's softmax is not attention
+    assert_equivalent(call, *values, expected_sites=expected, grad=False, options={"compiler": "eager"})

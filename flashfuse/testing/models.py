@@ -67,6 +67,8 @@ _TIMM = {
     "timm_beit_relpos": ("beit_base_patch16_224", 32, dict(patch_size=8, depth=1, embed_dim=64, num_heads=4)),
 }
 FAMILIES = sorted([*_HF, *_TIMM])
+#: softmaxes per forward that are not attention (a mixture-of-experts router in each layer)
+ROUTERS = {"gpt_oss_sinks": 2}
 #: checked with gradients through inductor on every change (tests/test_models.py); the rest in test_more_models.py
 CORE = ["bert", "distilbert", "gpt2", "llama", "mistral", "t5", "timm_vit", "vit"]
 #: full-size models: (transformers class prefix, config kwargs, batch, seq)
