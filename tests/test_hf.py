@@ -15,6 +15,9 @@ def _pair(family):
     """The same tiny model twice: eager attention, and flashfuse's."""
     if family == "gpt2":
         cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=101)
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, vocab_size=101, sliding_window=5)
     else:
         cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                        num_key_value_heads=2, intermediate_size=64, vocab_size=101)
@@ -55,3 +58,33 @@ def test_training_step_gradients_match_eager(family):
         loss = (logits.float().logsumexp(-1) * mask).sum()
         grads.append(torch.autograd.grad(loss, [p for p in model.parameters()], allow_unused=True))
     assert gradients_error(grads[1], grads[0]) < GRADIENT[torch.float32]
+
+
+@pytest.mark.parametrize("family, window", [("gpt2", None), ("llama", None), ("mistral", (4, -1))])
+def test_padded_batch_runs_as_structure_plus_key_padding(family, window, monkeypatch):
+    """The mask transformers builds for a padded batch reaches the kernels as causal (and window) flags and a
+    (B, 1, 1, N) key mask; the outputs at real positions equal eager's."""
+    from flashfuse import hf
+    eager, fused = _pair(family)
+    ids, mask = _batch()
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["causal"], kwargs["window"], tuple(kwargs["mask"].shape)))
+        return flashfuse.attention(*args, **kwargs)
+    monkeypatch.setattr(hf, "attention", spy)
+    got = fused(input_ids=ids, attention_mask=mask).logits
+    assert calls == [(True, window, (2, 1, 1, ids.shape[1]))] * 2
+    want = eager(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-5)
+
+
+def test_a_mask_with_another_term_stays_whole():
+    """A mask function beyond causal and padding: the whole mask is used, nothing is noted."""
+    from transformers.masking_utils import and_masks, causal_mask_function
+
+    from flashfuse import hf
+    _, pad = _batch()
+    full = hf.mask_interface(batch_size=2, q_length=7, kv_length=7, attention_mask=pad.bool(),
+                             mask_function=and_masks(causal_mask_function, lambda b, h, q, kv: kv != 5))
+    assert full.shape == (2, 1, 7, 7) and id(full) not in hf._STRUCTURE
