@@ -153,7 +153,7 @@ def test_masks_that_must_stay_tensors(name):
     assert site.operands["bias"]
 
 
-def test_generation_with_left_padding_uses_key_padding():
+def test_sliding_window_generation_with_left_padding_matches_eager():
     """Greedy generation of a left-padded batch under backend="flashfuse" gives eager's tokens (sliding window)."""
     model, _ = models.build("mistral")
     ids = torch.randint(0, models.VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
