@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from flashfuse.kernels import flash  # noqa: E402
-from flashfuse.kernels.reference import oracle_gradients  # noqa: E402
+from flashfuse.kernels.reference import oracle, oracle_gradients  # noqa: E402
 from flashfuse.kernels.spec import AttentionSpec  # noqa: E402
 from flashfuse.tolerances import FORWARD, GRADIENT, TF32, relative_error  # noqa: E402
 
@@ -50,7 +50,7 @@ def _err(a, b):
 
 def check(name, b, hq, hkv, nq, nk, d, dv=None, dtype=torch.bfloat16, causal=False, window=(-1, -1), bias=None,
           mask=None, mask_value=float("-inf"), softcap=0.0, dropout_p=0.0, layout="bhnd", tf32=False, left_pad=0,
-          empty_rows="nan", fill_adds=False):
+          empty_rows="nan", fill_adds=False, dlse=False):
     dv = d if dv is None else dv
     torch.backends.cuda.matmul.allow_tf32 = tf32
     mk = (lambda s: torch.randn(s[0], s[2], s[1], s[3], device=DEV, dtype=dtype).transpose(1, 2)) \
@@ -65,10 +65,16 @@ def check(name, b, hq, hkv, nq, nk, d, dv=None, dtype=torch.bfloat16, causal=Fal
                          dropout_p=dropout_p, empty_rows=empty_rows, fill_adds=fill_adds)
     out, stats = flash.forward(q, k, v, bias_t, mask_t, seed, spec)
     dout = torch.randn_like(out)
-    grads = flash.backward(dout, q, k, v, bias_t, mask_t, seed, out, stats, spec, bias_t is not None)
+    dlse_t = torch.randn(stats.shape[1:], device=DEV) if dlse else None  # a sink's gradient of the logsumexp
+    grads = flash.backward(dout, q, k, v, bias_t, mask_t, seed, out, stats, spec, bias_t is not None, dlse=dlse_t)
     torch.cuda.synchronize()
     keep = flash.dropout_keep_mask(seed, (b, hq, nq, nk), dropout_p, DEV) if dropout_p else None
     ref_out, ref_lse, *ref_grads = oracle_gradients(dout, q, k, v, spec, bias_t, mask_t, keep)
+    if dlse:  # float64 autograd through the oracle's out and lse together
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        o, lse = oracle(*leaves, spec, mask=mask_t)
+        loss = (o * dout.double()).sum() + (lse * dlse_t.double()).sum()
+        ref_grads = [*torch.autograd.grad(loss, leaves), None]
     errs = {"out": _err(out, ref_out), "lse": _err(stats[0].double() + stats[1].double(), ref_lse)}
     for n, g, want in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
         if want is not None and g is not None:
@@ -106,6 +112,8 @@ CASES = [
                                             empty_rows="average")),
     ("keypad decode 4x32/8 q1 k4096", dict(b=4, hq=32, hkv=8, nq=1, nk=4096, d=128, causal=True,
                                            mask=(4, 1, 1, 4096), mask_value=MIN, empty_rows="average")),
+    ("lse gradient gqa causal 2x8/2x1024 d128", dict(b=2, hq=8, hkv=2, nq=1024, nk=1024, d=128, causal=True,
+                                                     dlse=True)),
     ("dropout 1x2x1024 d64", dict(b=1, hq=2, hkv=2, nq=1024, nk=1024, d=64, dropout_p=0.1, causal=True)),
     ("ragged d40/dv24 bf16 1x2x77x131", dict(b=1, hq=2, hkv=1, nq=77, nk=131, d=40, dv=24, causal=True,
                                               bias=(1, 2, 77, 131))),
