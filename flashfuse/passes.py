@@ -82,13 +82,20 @@ def _rewrite(gm, sdpa):
             log.info("flashfuse: rewrote %s %s as %s", op.kind, node.name, site.describe())
         except Refuse as why:
             site.reason = str(why)
-            site.attention = is_attention(node)
+            site.attention = _is_attention(node)
             log.info("flashfuse: left %s %s as it was: %s", op.kind, node.name, why)
         except Exception as exc:
             site.reason = f"internal error: {exc!r}"
             log.warning("flashfuse: left %s %s as it was after an internal error: %r", op.kind, node.name, exc)
         sites.append(site)
     return sites
+
+
+def _is_attention(node):
+    try:
+        return is_attention(node)
+    except Exception:  # a report detail must not cost the user's graph: count it as attention
+        return True
 
 
 def _path(plan):
