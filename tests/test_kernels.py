@@ -74,8 +74,10 @@ def check(impl="triton", b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=to
     q = _tensor((b, hq, nq, d), dtype, layout, gen)
     k = _tensor((b, hkv, nk, d), dtype, layout, gen)
     v = _tensor((b, hkv, nk, dv), dtype, layout, gen)
-    bias_t = None
-    if bias == "expand":
+    bias_t = bias if isinstance(bias, torch.Tensor) else None
+    if isinstance(bias, torch.Tensor):
+        pass
+    elif bias == "expand":
         bias_t = torch.randn(1, 1, nq, nk, generator=gen).to(bias_dtype or dtype).expand(b, hq, nq, nk)
     elif bias is not None:
         bias_t = torch.randn(bias, generator=gen).to(bias_dtype or dtype)
@@ -367,3 +369,10 @@ def test_logsumexp_gradient(impl):
     loss = (ref_out * dout.double()).sum() + (ref_lse * dlse.double()).sum()
     for name, got, want in zip("qkv", grads, torch.autograd.grad(loss, leaves)):
         assert_close(got, want, torch.float32, "gradient", f"d{name}")
+
+
+def test_saturating_bias_broadcast_over_keys(impl):
+    """A bias of finfo.min broadcast over every key (found by the fuzzer: baddbmm with a (1,) bias) swallows the
+    scores: the softmax is uniform over the keys, and the row's stats must count all of them."""
+    fill = torch.full((1, 1, 1, 1), torch.finfo(torch.float32).min)
+    check(impl, nq=3, nk=5, bias=fill, bias_grad=False)

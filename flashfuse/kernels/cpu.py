@@ -61,7 +61,7 @@ def _saturated(lse):
     return (lse.abs() > -SATURATED) & torch.isfinite(lse)
 
 
-def _fused_stats(lse, bias, causal):
+def _fused_stats(lse, bias, causal, n_keys):
     """Row stats from aten's log-sum-exp, or None when a saturated row's stats cannot be recovered.
 
     A saturated row (a padded query: every key filled with ~finfo.min by the bias) has scores equal
@@ -76,6 +76,8 @@ def _fused_stats(lse, bias, causal):
     if not bool((row_max[saturated] <= HUGE_FILL).all()):
         return None
     count = (bias == bias.amax(-1, keepdim=True)).sum(-1).to(lse.dtype).expand_as(lse)
+    if bias.shape[-1] == 1:  # a bias broadcast over the keys: every key sits at the max
+        count = count * n_keys
     return torch.stack([torch.where(saturated, row_max, lse), torch.where(saturated, count.log(), 0.0)])
 
 
@@ -99,7 +101,7 @@ def _forward(q, k, v, bias, mask, seed, spec):
         qx, kx, vx, bx = _fused_args(q, k, v, bias)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qx, kx, vx, 0.0, spec.causal, attn_mask=bx, scale=spec.scale)
-        stats = _fused_stats(lse.to(stats_dtype(q.dtype)), bias, spec.causal)
+        stats = _fused_stats(lse.to(stats_dtype(q.dtype)), bias, spec.causal, nk)
         if stats is not None:
             return _empty_rows_to_zero(out, stats[0], spec), stats
     acc = _acc(q)
