@@ -233,6 +233,21 @@ def test_reference_huge_positive_bias_gradients(reference_op):
     assert_equivalent(fn, _r(2, 3, 4, 16), _r(2, 3, 4, 16), _r(2, 3, 4, 16), bias, expected_sites=1, options=FAST)
 
 
+@pytest.mark.parametrize("spelling", ["baddbmm", "add"])
+def test_reference_finfo_min_bias_broadcast_over_keys(reference_op, spelling):
+    """Was a relative gradient error of 1.0: a (1,) finfo.min bias swallows every score, and the CPU path's row
+    stats counted one key at the max instead of all of them."""
+    bias = torch.full((1,), torch.finfo(torch.float32).min)
+
+    def fn(q, k, v, bias):
+        if spelling == "baddbmm":
+            scores = torch.baddbmm(bias, q, k.transpose(-1, -2))
+        else:
+            scores = q @ k.transpose(-1, -2) + bias
+        return torch.softmax(scores, -1) @ v
+    assert_equivalent(fn, _r(2, 3, 8), _r(2, 4, 8), _r(2, 4, 8), bias, expected_sites=1, options=FAST)
+
+
 def test_reference_scale_after_finfo_min_mask(reference_op):
     """Was a RuntimeError: finfo.min / 0.125 folded into a mask_value float32 cannot hold."""
     keep = torch.ones(1, 1, 1, 6, dtype=torch.bool)
