@@ -17,22 +17,22 @@ from flashfuse.patterns.plan import Refuse, single_user, tensor_of
 def peel(x):
     """(scores, sink, nodes): the scores node under a sink column (and a row-max shift), the sink node and the
     nodes between them and the softmax; (x, None, []) when x has no sink."""
-    nodes = []
+    original, nodes = x, []
     shifted = _row_shifted(x)
     if shifted is not None:
         nodes.append(x)
         x = shifted
     if ops.target(x) not in ops.CAT:
-        return (x if not nodes else nodes[0]), None, []
+        return original, None, []
     parts = x.args[0] if x.args else None
     dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim", 0)
     t = tensor_of(x)
     if not isinstance(parts, (list, tuple)) or len(parts) != 2 or t is None or dim not in (-1, t.dim() - 1):
-        return (x if not nodes else nodes[0]), None, []
+        return original, None, []
     scores, sink = parts
     s, k = tensor_of(scores), tensor_of(sink)
     if s is None or k is None or k.shape[-1] != 1 or k.dim() != s.dim() or not k.is_floating_point():
-        return (x if not nodes else nodes[0]), None, []
+        return original, None, []
     return scores, sink, nodes + [x]
 
 
