@@ -5,8 +5,9 @@ Hugging Face builds its masks inside the compiled graph: aranges over queries an
 (shape (B, 1, 1, Nk)), and turned into an additive tensor by `where(keep, 0, finfo.min)`. `decompose`
 proves such a mask is the conjunction of structural terms, which the op takes as `causal` / `window`
 and skips block by block, and key terms (size 1 on the query dim: they depend on batch, head and key
-only), which the op takes as a small (B, 1, 1, Nk) mask instead of an N x N tensor. Any other term
-keeps the whole mask a tensor, with the reason.
+only), which the op takes as a small (B, 1, 1, Nk) mask instead of an N x N tensor. A comparison of
+positions with a constant that holds at every position (`q >= 0`: transformers' bidirectional mask) is no
+constraint. Any other term keeps the whole mask a tensor, with the reason.
 
 Why that is exact: a query that sees a key gives its hidden keys weight exp(fill - max) = 0 in fp32
 either way (fill <= -1e4). A query that sees no key (left padding hides every key of the first rows)
