@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from flashfuse.testing.models import first_output
+from flashfuse.testing.models import first_output, padding_mask
 
 # size fields a tiny model takes, where its config has them (names as the configs spell them)
 TINY = {"num_hidden_layers": 2, "num_layers": 2, "num_decoder_layers": 2, "encoder_layers": 2, "decoder_layers": 2,
@@ -59,9 +59,7 @@ def build(config, batch=2, seq=16, padded=False, seed=0):
     vocab = getattr(config, "vocab_size", 128)
     inputs = {"input_ids": torch.randint(3, vocab, (batch, seq), generator=gen)}
     if padded:
-        mask = torch.ones(batch, seq, dtype=torch.long)
-        mask[0, : seq // 3] = 0
-        inputs["attention_mask"] = mask
+        inputs["attention_mask"] = padding_mask(batch, seq)
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = torch.randint(3, vocab, (batch, seq - 3), generator=gen)
     return model, inputs

@@ -22,6 +22,8 @@ import weakref
 import torch
 
 from flashfuse.kernels.api import attention
+from flashfuse.kernels.reference import visible
+from flashfuse.kernels.spec import AttentionSpec
 
 NAME = "fuse"
 
@@ -73,13 +75,14 @@ def mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, att
     if offset != kv_length - q_length or padding is None or padding.dim() != 2:
         return full  # not aligned at the bottom right (a static cache's empty tail): not the op's causal
     keys = padding[:, kv_offset:kv_offset + kv_length].bool()[:, None, None, :]  # (B, 1, 1, Nk)
-    i = torch.arange(q_length, device=full.device)[:, None] + offset
-    j = torch.arange(kv_length, device=full.device)[None, :]
-    candidates = [(False, None, j >= 0), (True, None, j <= i)]
-    if local_size is not None:
-        candidates.append((True, (int(local_size) - 1, -1), (j <= i) & (j > i - int(local_size))))
-    for causal, window, structure in candidates:
-        if torch.equal(full, (structure & keys).expand_as(full)):
+    candidates = [(False, None), (True, None)]
+    if local_size is not None:  # HF's window keeps kv > q - local_size: local_size - 1 keys left of the diagonal
+        candidates.append((True, (int(local_size) - 1, -1)))
+    for causal, window in candidates:
+        spec = AttentionSpec(causal=causal, window=window or (-1, -1))
+        structure = visible(q_length, kv_length, spec, full.device)  # the op's rule; None: every key
+        expected = keys if structure is None else structure & keys
+        if torch.equal(full, expected.expand_as(full)):
             _note(full, causal, window, keys)
             break
     return full

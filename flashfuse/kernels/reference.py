@@ -89,9 +89,9 @@ def oracle(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, bias: Optional[
     p = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
     if dropout_keep is not None:
         p = p * dropout_keep / (1.0 - spec.dropout_p)
-    out = p @ repeat_kv(v, q.shape[1] // v.shape[1])
+    vx = repeat_kv(v, q.shape[1] // v.shape[1])
+    out = p @ vx
     if spec.empty_rows == "average":
-        vx = repeat_kv(v, q.shape[1] // v.shape[1])
         if spec.fill_adds:  # eager's s + fill: a uniform softmax over scores the fill swallowed, gradient and all
             raw = torch.matmul(q, repeat_kv(k, q.shape[1] // k.shape[1]).mT) * spec.scale
             uniform = torch.softmax(raw - raw.detach(), -1) @ vx

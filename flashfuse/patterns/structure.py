@@ -24,6 +24,7 @@ from flashfuse.patterns.chain import LARGE_NEGATIVE
 from flashfuse.patterns.ops import classify, meta
 from flashfuse.patterns.plan import constant, tensor_of
 
+_FLIPPED = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}  # a < b is b > a
 HUGE_FILL = -1e30  # an additive fill this large swallows any score (and bias) in fp32, bf16 and fp64
 
 
@@ -111,7 +112,7 @@ def _constant_truth(term, nq, nk):
     index, other = _index(a), b
     if index is None:
         index, other = _index(b), a
-        kind = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}[kind]
+        kind = _FLIPPED[kind]
     c = _static_int(other) if not isinstance(other, Node) else None
     n = _static_int(nq if index is not None and index[0] == "q" else nk)
     if index is None or c is None or n is None or n < 1:
@@ -154,7 +155,7 @@ def _bound(term):
         return None
     if a[0] == "q":  # put the key side first: q <= k is k >= q
         a, b = b, a
-        kind = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}[kind]
+        kind = _FLIPPED[kind]
     # j + a1 (kind) i + b1
     shift = b[1] - a[1]
     return {"le": ("le", shift), "lt": ("le", shift - 1), "ge": ("ge", shift), "gt": ("ge", shift + 1)}[kind]
