@@ -1,12 +1,14 @@
 """On a CUDA machine: compile tiny left-padded models with backend="flashfuse" (inductor) and compare with eager,
 printing the full error when compilation fails; then, with --profile, the top GPU kernels of one padded training
-step of a benchmark model under flashfuse and under SDPA + inductor.
+step of a benchmark model under flashfuse and under SDPA + inductor (with --host, also the host time per step
+and the top CPU events).
 
-    python scripts/padded_compile_check.py [--profile gpt2-124M]
+    python scripts/padded_compile_check.py [--profile gpt2-124M llama-gqa-0.5B] [--host]
 """
 import argparse
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -27,7 +29,7 @@ def check():
             traceback.print_exc()
 
 
-def profile(name, rows=14):
+def profile(name, rows=14, host=False):
     for attn, backend in (("eager", "flashfuse"), ("sdpa", "inductor")):
         model, inputs = models.build(name, device="cuda", dtype=torch.bfloat16, attn=attn, padding=True)
         run = torch.compile(model.train(), backend=backend)
@@ -37,17 +39,30 @@ def profile(name, rows=14):
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        if host:
+            seconds = []
+            for _ in range(7):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                step()
+                seconds.append(time.perf_counter() - start)
+            print(f"== {name} {attn} + {backend}: host ms per step", " ".join(f"{1e3 * t:.1f}" for t in seconds))
+        activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if host else [])
+        with torch.profiler.profile(activities=activities) as prof:
             step()
             torch.cuda.synchronize()
         print(f"== {name} padded training step, {attn} + {backend}", flush=True)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+        table = prof.key_averages()
+        print(table.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+        if host:
+            print(table.table(sort_by="self_cpu_time_total", row_limit=2 * rows, max_name_column_width=60), flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default=None, help="a benchmark model (flashfuse.testing.models.BENCH)")
+    parser.add_argument("--profile", nargs="*", default=[], help="benchmark models (flashfuse.testing.models.BENCH)")
+    parser.add_argument("--host", action="store_true", help="also the host: time per step and the top CPU events")
     args = parser.parse_args()
     check()
-    if args.profile:
-        profile(args.profile)
+    for name in args.profile:
+        profile(name, host=args.host)
