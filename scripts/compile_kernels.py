@@ -50,6 +50,13 @@ CASES = {
     "key padding causal d64": (2, 4, 2, 300, 300, 64, torch.bfloat16,
                                dict(causal=True, mask_value=-3.4e38, empty_rows="average", fill_adds=True,
                                     dlse=True), None, (2, 1, 1, 300)),
+    "key padding gqa d128": (2, 8, 2, 300, 300, 128, torch.bfloat16,
+                             dict(causal=True, mask_value=-3.4e38, empty_rows="average", fill_adds=True), None,
+                             (2, 1, 1, 300)),
+    "key padding d256": (1, 4, 2, 200, 200, 256, torch.bfloat16,
+                         dict(mask_value=-3.4e38, empty_rows="average", fill_adds=True), None, (1, 1, 1, 200)),
+    "key padding d256 decode": (2, 8, 2, 4, 3000, 256, torch.bfloat16,
+                                dict(mask_value=-3.4e38, empty_rows="average", fill_adds=True), None, (2, 1, 1, 3000)),
 }
 
 

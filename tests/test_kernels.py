@@ -278,6 +278,39 @@ def test_empty_rows_average_with_key_padding(impl, causal, window, nq, fill_adds
         assert hidden[1].any() == (window != (-1, -1))  # right padding hides a whole window only
 
 
+@pytest.mark.parametrize("dtype,hq,hkv,d,dv,layout", [
+    (torch.float32, 4, 2, 16, 24, "bhnd"), (torch.float32, 2, 1, 80, 96, "bnhd"),
+    (torch.bfloat16, 3, 3, 64, 64, "slice")])
+def test_triton_hidden_row_fixups_match_the_cpu_paths(dtype, hq, hkv, d, dv, layout):
+    """flash_hidden's kernels (the Triton path's empty_rows="average") against hidden_rows.py in float64, on
+    stats with rows hidden by the fill and by -inf: forward rows, and what each adds to dq, dk, dv."""
+    from flashfuse.kernels import flash_hidden, hidden_rows
+    gen = torch.Generator().manual_seed(7)
+    b, nq, nk, fill = 2, 70, 90, -1e9
+    q, dq = _tensor((b, hq, nq, d), dtype, layout, gen), _tensor((b, hq, nq, d), dtype, layout, gen)
+    k, dk = _tensor((b, hkv, nk, d), dtype, layout, gen), _tensor((b, hkv, nk, d), dtype, layout, gen)
+    v, dv_ = _tensor((b, hkv, nk, dv), dtype, layout, gen), _tensor((b, hkv, nk, dv), dtype, layout, gen)
+    dout, out = _tensor((b, hq, nq, dv), dtype, layout, gen), torch.randn(b, hq, nq, dv, generator=gen).to(dtype)
+    stats = torch.randn(2, b, hq, nq, generator=gen)
+    stats[0, 0, :, :23] = fill  # left padding: hidden by the fill
+    stats[0, 1, -1, 60:] = NEG_INF  # rows that saw no key at all
+    spec = AttentionSpec(scale=d ** -0.5, mask_value=fill, empty_rows="average", fill_adds=True)
+    wide = [t.double() for t in (out, stats, v)]
+    want_out, want_stats = hidden_rows.finish_forward(*wide, spec)
+    got_out, got_stats = flash_hidden.finish_forward(out.clone(), stats.clone(), v, spec, flash.direct)
+    assert torch.equal(got_stats, want_stats.float())
+    assert_close(got_out, want_out, dtype)
+    grads = (dq.contiguous(), dk.contiguous(), dv_.contiguous())
+    want = hidden_rows.finish_backward([g.double() for g in grads], *(t.double() for t in (dout, q, k, v, got_stats)),
+                                       spec)
+    got = flash_hidden.finish_backward([g.clone() for g in grads], dout, q, k, v, got_stats, spec, flash.direct)
+    for name, g, w, before in zip(("dq", "dk", "dv"), got, want, grads):
+        assert (w - before.double()).abs().max() > 0.1, f"{name}: the case must move it"
+        assert_close(g, w, dtype, "gradient", name)
+        if dtype == torch.float32:  # what was added, alone (in bf16 the sum's rounding is larger than it)
+            assert_close(g.double() - before.double(), w - before.double(), dtype, "gradient", name)
+
+
 def test_cpu_path_crosses_key_blocks():
     """The CPU path's online softmax over several key blocks, and its aten fast path for plain causal."""
     check("cpu", nq=600, nk=1100, b=1, hq=2, d=16, mask=(1, 1, 600, 1100), dropout_p=0.1)

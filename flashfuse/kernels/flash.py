@@ -5,7 +5,7 @@ path's blockwise code (the kernels accumulate in fp32; their tiles hold at most 
 problems empty.py. Few queries over long keys (decode) take flash_decode.py; everything else the flash
 kernels of flash_fwd.py / flash_bwd.py.
 """
-from flashfuse.kernels import configs, cpu, empty, flash_bwd, flash_decode, flash_fwd, hidden_rows
+from flashfuse.kernels import configs, cpu, empty, flash_bwd, flash_decode, flash_fwd, flash_hidden
 from flashfuse.kernels.flash_common import as_bytes, dropout_keep_mask
 from flashfuse.kernels.flash_fwd import unit_last_stride
 
@@ -28,7 +28,7 @@ def forward(q, k, v, bias, mask, seed, spec, launch=direct):
     seed = seed if spec.random else None
     kernels = flash_decode if flash_decode.suits(q, k) else flash_fwd
     out, stats = kernels.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch)
-    return hidden_rows.finish_forward(out, stats, v, spec)
+    return flash_hidden.finish_forward(out, stats, v, spec, launch)
 
 
 def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch=direct, dlse=None):
@@ -40,4 +40,4 @@ def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launc
     seed = seed if spec.random else None
     dq, dk, dv, dbias = flash_bwd.backward(dout, q, k, v, bias, as_bytes(mask), seed, out, stats, spec, bias_grad,
                                            launch, dlse)
-    return (*hidden_rows.finish_backward((dq, dk, dv), dout, q, k, v, stats, spec), dbias)
+    return (*flash_hidden.finish_backward((dq, dk, dv), dout, q, k, v, stats, spec, launch), dbias)

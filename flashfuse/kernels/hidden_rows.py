@@ -3,7 +3,8 @@
 That is what eager attention computes when one finite fill (finfo.min, -1e9) hides a whole row: the softmax of a
 row of equal scores is uniform. A padded query under a causal mask is such a row. The op hides structure
 (causal, window) with -inf and skips those blocks, so the kernels alone would average only the keys of the
-row's band; these fix-ups, shared by both implementations, give every such row eager's answer.
+row's band; these fix-ups give every such row eager's answer: this module on the CPU path (and as the rule's
+statement), flash_hidden.py's two kernels on the Triton path.
 
 A hidden row is one whose row max is the mask's fill (every key it saw was filled) or -inf (it saw none). The
 forward marks its max -inf, so the backward kernels treat it as empty, and `finish_backward` adds its gradient:

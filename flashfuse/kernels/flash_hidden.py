@@ -1,0 +1,161 @@
+"""empty_rows="average" on the Triton path: the fix-ups of hidden_rows.py as one kernel each way.
+
+Same rule and formulas as hidden_rows.py (the CPU path's version, which its docstring derives). Most rows are
+not hidden, so each program first reads its rows' max from stats and does nothing more when none is hidden:
+the GPU reads the stats, and the host launches one kernel instead of inductor's dozen small ones per call.
+
+Forward, one program per (BLOCK_M queries, batch, q head): hidden rows get mean(v) and max -inf, log-sum 0.
+Backward, one program per (batch, kv head, BLOCK_D columns of D): for the hidden rows of the group's heads,
+dv += sum(dout) / Nk at every key and, with fill_adds, the q and k terms; V^T K and dout^T q are (Dv, BLOCK_D)
+products, never (Nq, Nk).
+"""
+import triton
+import triton.language as tl
+
+from flashfuse.kernels import configs
+from flashfuse.kernels.flash_common import _dot, precision
+
+BLOCK_M = 64
+BLOCK_N = 64
+
+
+@triton.jit
+def _hidden_fwd_kernel(Out, Stats, V, so_b, so_h, so_m, ss_t, ss_b, ss_h, sv_b, sv_h, sv_n, n_heads, group, nq, nk,
+                       fill, DV: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(1) // n_heads
+    h = tl.program_id(1) % n_heads
+    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ptrs = Stats + b * ss_b + h * ss_h + i
+    m = tl.load(m_ptrs, mask=i < nq, other=0.0)
+    hidden = (i < nq) & ((m == tl.cast(fill, tl.float32)) | (m == float("-inf")))
+    if tl.sum(hidden.to(tl.int32), 0) > 0:
+        offs_dv = tl.arange(0, HEAD_DV)
+        total = tl.zeros([BLOCK_N, HEAD_DV], tl.float32)
+        Vh = V + b * sv_b + (h // group) * sv_h
+        for start in range(0, nk, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            total += tl.load(Vh + j[:, None] * sv_n + offs_dv[None, :],
+                             mask=(j[:, None] < nk) & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+        mean = tl.sum(total, 0) / nk  # (HEAD_DV,)
+        rows = tl.zeros([BLOCK_M, HEAD_DV], tl.float32) + mean[None, :]
+        tl.store(Out + b * so_b + h * so_h + i[:, None] * so_m + offs_dv[None, :], rows.to(Out.dtype.element_ty),
+                 mask=hidden[:, None] & (offs_dv[None, :] < DV))
+        tl.store(m_ptrs, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=hidden)
+        tl.store(m_ptrs + ss_t, tl.zeros([BLOCK_M], tl.float32), mask=hidden)
+
+
+@triton.jit
+def _hidden_bwd_kernel(Q, K, V, DO, Stats, GradQ, GradK, GradV, sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                       sdo_b, sdo_h, sdo_m, sdq_b, sdq_h, sdq_m, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, ss_b, ss_h,
+                       n_kv_heads, group, nq, nk, SCALE: tl.constexpr, FILL_ADDS: tl.constexpr,
+                       PRECISION: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_DV: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0) // n_kv_heads
+    g = tl.program_id(0) % n_kv_heads
+    first_head = g * group
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, HEAD_DV)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dv_ok = offs_dv[None, :] < DV
+    d_ok = offs_d[None, :] < D
+    S = Stats + b * ss_b
+    count = tl.zeros([BLOCK_M], tl.int32)
+    for r in range(0, group * nq, BLOCK_M):  # the group's rows, head by head: row r is (head r // nq, query r % nq)
+        rows = r + offs_m
+        m = tl.load(S + (first_head + rows // nq) * ss_h + rows % nq, mask=rows < group * nq, other=0.0)
+        count += ((rows < group * nq) & (m == float("-inf"))).to(tl.int32)
+    if tl.sum(count, 0) > 0:
+        Kh = K + b * sk_b + g * sk_h
+        Vh = V + b * sv_b + g * sv_h
+        # keys: mean(v); with FILL_ADDS also V^T K and sum(k) on this program's columns of D
+        v_total = tl.zeros([HEAD_DV], tl.float32)
+        vtk = tl.zeros([HEAD_DV, BLOCK_D], tl.float32)
+        k_total = tl.zeros([BLOCK_D], tl.float32)
+        for start in range(0, nk, BLOCK_N):
+            j = start + offs_n
+            vj = tl.load(Vh + j[:, None] * sv_n + offs_dv[None, :], mask=(j[:, None] < nk) & dv_ok, other=0.0)
+            v_total += tl.sum(vj.to(tl.float32), 0)
+            if FILL_ADDS:
+                kj = tl.load(Kh + j[:, None] * sk_n + offs_d[None, :], mask=(j[:, None] < nk) & d_ok, other=0.0)
+                vtk = _dot(tl.trans(vj), kj, vtk, PRECISION)
+                k_total += tl.sum(kj.to(tl.float32), 0)
+        v_mean = v_total / nk
+        c = SCALE / nk
+        # hidden rows: sum(dout); with FILL_ADDS their dq, and dout^T q and sum(delta q) for dk
+        do_total = tl.zeros([HEAD_DV], tl.float32)
+        doq = tl.zeros([HEAD_DV, BLOCK_D], tl.float32)
+        dq_total = tl.zeros([BLOCK_D], tl.float32)
+        for r in range(0, group * nq, BLOCK_M):
+            rows = r + offs_m
+            h = first_head + rows // nq
+            i = rows % nq
+            m = tl.load(S + h * ss_h + i, mask=rows < group * nq, other=0.0)
+            hid = (rows < group * nq) & (m == float("-inf"))
+            if tl.sum(hid.to(tl.int32), 0) > 0:
+                do = tl.load(DO + b * sdo_b + h[:, None] * sdo_h + i[:, None] * sdo_m + offs_dv[None, :],
+                             mask=hid[:, None] & dv_ok, other=0.0)
+                do_total += tl.sum(do.to(tl.float32), 0)
+                if FILL_ADDS:
+                    delta = tl.sum(do.to(tl.float32) * v_mean[None, :], 1)  # (BLOCK_M,): dout . mean(v)
+                    qi = tl.load(Q + b * sq_b + h[:, None] * sq_h + i[:, None] * sq_m + offs_d[None, :],
+                                 mask=hid[:, None] & d_ok, other=0.0)
+                    doq = _dot(tl.trans(do), qi, doq, PRECISION)
+                    dq_total += tl.sum(delta[:, None] * qi.to(tl.float32), 0)
+                    dq_ptrs = GradQ + b * sdq_b + h[:, None] * sdq_h + i[:, None] * sdq_m + offs_d[None, :]
+                    extra = _dot(do, vtk.to(do.dtype), None, PRECISION) - delta[:, None] * k_total[None, :]
+                    dq = tl.load(dq_ptrs, mask=hid[:, None] & d_ok, other=0.0).to(tl.float32) + c * extra
+                    tl.store(dq_ptrs, dq.to(GradQ.dtype.element_ty), mask=hid[:, None] & d_ok)
+        # every key: dv += sum(dout) / Nk (once, by the first column block); dk += c (v @ dout^T q - sum(delta q))
+        for start in range(0, nk, BLOCK_N):
+            j = start + offs_n
+            key_ok = j[:, None] < nk
+            if tl.program_id(1) == 0:
+                dv_ptrs = GradV + b * sdv_b + g * sdv_h + j[:, None] * sdv_n + offs_dv[None, :]
+                dv = tl.load(dv_ptrs, mask=key_ok & dv_ok, other=0.0).to(tl.float32) + do_total[None, :] / nk
+                tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=key_ok & dv_ok)
+            if FILL_ADDS:
+                vj = tl.load(Vh + j[:, None] * sv_n + offs_dv[None, :], mask=key_ok & dv_ok, other=0.0)
+                dk_ptrs = GradK + b * sdk_b + g * sdk_h + j[:, None] * sdk_n + offs_d[None, :]
+                extra = _dot(vj, doq.to(vj.dtype), None, PRECISION) - dq_total[None, :]
+                dk = tl.load(dk_ptrs, mask=key_ok & d_ok, other=0.0).to(tl.float32) + c * extra
+                tl.store(dk_ptrs, dk.to(GradK.dtype.element_ty), mask=key_ok & d_ok)
+
+
+def _head_dim(n):
+    return max(16, configs.pow2(n))
+
+
+def _warps(dv):
+    return 8 if dv > 128 else 4  # the (BLOCK, Dv) fp32 tiles spill on 4 warps at d256 (scripts/compile_kernels.py)
+
+
+def finish_forward(out, stats, v, spec, launch):
+    """hidden_rows.finish_forward on the GPU, in place on out (B, Hq, Nq, Dv) and stats (2, B, Hq, Nq)."""
+    if spec.empty_rows != "average":
+        return out, stats
+    b, hq, nq, dv = out.shape
+    hkv, nk = v.shape[1], v.shape[2]
+    launch(_hidden_fwd_kernel, (configs.cdiv(nq, BLOCK_M), b * hq))(
+        out, stats, v, out.stride(0), out.stride(1), out.stride(2), stats.stride(0), stats.stride(1),
+        stats.stride(2), v.stride(0), v.stride(1), v.stride(2), hq, hq // hkv, nq, nk, spec.mask_value,
+        DV=dv, HEAD_DV=_head_dim(dv), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=_warps(dv))
+    return out, stats
+
+
+def finish_backward(grads, dout, q, k, v, stats, spec, launch):
+    """hidden_rows.finish_backward on the GPU, in place on the kernels' (dq, dk, dv)."""
+    dq, dk, dv = grads
+    if spec.empty_rows != "average" or dout.numel() == 0 or v.numel() == 0:
+        return dq, dk, dv
+    b, hq, nq, d = q.shape
+    hkv, nk, d_v = v.shape[1], v.shape[2], v.shape[3]
+    head_dv = _head_dim(d_v)
+    block_d = min(_head_dim(d), 64 if head_dv <= 64 else 32)
+    columns = configs.cdiv(d, block_d) if spec.fill_adds else 1
+    launch(_hidden_bwd_kernel, (b * hkv, columns))(
+        q, k, v, dout, stats, dq, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+        *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], stats.stride(1), stats.stride(2), hkv, hq // hkv,
+        nq, nk, SCALE=spec.scale, FILL_ADDS=spec.fill_adds, PRECISION=precision(q.dtype), D=d, DV=d_v,
+        HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=_warps(d_v))
+    return dq, dk, dv
