@@ -50,43 +50,61 @@ class Site:
         return " ".join([self.spec.describe(), *extra])
 
 
-def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True) -> list:
-    """Rewrite gm in place; return a Site for every softmax and SDPA call found."""
+def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True, _prefix: str = "") -> list:
+    """Rewrite gm in place; return a Site for every softmax and SDPA call found. Subgraphs that gm calls (the
+    body of activation checkpointing, of a cond or a wrapper) are rewritten too, each on its own."""
     backup = _copy_graph(gm.graph)
     try:
-        sites = _rewrite(gm, sdpa)
+        sites = _rewrite(gm, sdpa, _prefix)
         gm.graph.lint()
         gm.recompile()
-        return sites
     except Exception as exc:  # the pass must never break the user's compilation
         log.warning("flashfuse: leaving this graph unchanged after an internal error: %r", exc)
         gm.graph = backup
         gm.recompile()
-        return [Site(n.name, "softmax", False, f"internal error: {exc!r}") for n in gm.graph.nodes if is_softmax(n)]
+        sites = [Site(_prefix + n.name, "softmax", False, f"internal error: {exc!r}") for n in gm.graph.nodes
+                 if is_softmax(n)]
+    for name, sub in _subgraphs(gm):
+        sites += rewrite_graph(sub, sdpa, f"{_prefix}{name}.")
+    return sites
 
 
-def _rewrite(gm, sdpa):
+def _subgraphs(gm):
+    """(attribute name, GraphModule) for each graph module gm's nodes read with get_attr."""
+    seen = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target not in seen:
+            sub = getattr(gm, node.target, None)
+            if isinstance(sub, torch.fx.GraphModule):
+                seen[node.target] = sub
+    return list(seen.items())
+
+
+def _rewrite(gm, sdpa, prefix=""):
     functionalize_inplace(gm.graph)
     sites = []
     for node in list(gm.graph.nodes):
         op = classify(node)
         if op is None or op.kind not in ("softmax", "sdpa") or (op.kind == "sdpa" and not sdpa):
             continue
-        site = Site(node.name, op.kind, False, shape=_shape(node))
+        site = Site(prefix + node.name, op.kind, False, shape=_shape(node))
         try:
             plan = match_softmax(node) if op.kind == "softmax" else sdpa_plan(node)
+            if prefix and plan.spec.random:
+                raise Refuse("dropout inside a subgraph (activation checkpointing recomputes it, and a recomputed "
+                             "dropout must draw the same mask; not proven here)")
             site.spec, site.operands = plan.spec, plan.operands()
             site.path = _path(plan)
             rewrite.apply(gm.graph, plan)
             site.rewritten = True
-            log.info("flashfuse: rewrote %s %s as %s", op.kind, node.name, site.describe())
+            log.info("flashfuse: rewrote %s %s as %s", op.kind, site.node, site.describe())
         except Refuse as why:
             site.reason = str(why)
             site.attention = _is_attention(node)
-            log.info("flashfuse: left %s %s as it was: %s", op.kind, node.name, why)
+            log.info("flashfuse: left %s %s as it was: %s", op.kind, site.node, why)
         except Exception as exc:
             site.reason = f"internal error: {exc!r}"
-            log.warning("flashfuse: left %s %s as it was after an internal error: %r", op.kind, node.name, exc)
+            log.warning("flashfuse: left %s %s as it was after an internal error: %r", op.kind, site.node, exc)
         sites.append(site)
     return sites
 

@@ -149,6 +149,14 @@ def build(name, batch=None, seq=None, seed=0, device="cpu", dtype=None, attn="ea
     return model, {k: v.to(device) for k, v in inputs.items()}
 
 
+def gpt2_lm(seed=0, device="cpu", dropout=0.0, attn="eager", **sizes):
+    """The tiny GPT-2 family with its language-model head (loss from `labels`), in train mode, for training loops.
+    dropout sets every dropout probability (0: runs are comparable step by step)."""
+    torch.manual_seed(seed)
+    config = dict(_HF["gpt2"][1], resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    return _hf_model("GPT2", {**config, **sizes}, attn, head=True).to(device).train()
+
+
 def first_output(out):
     """The main tensor of a model's output (last_hidden_state, logits or a plain tensor)."""
     if isinstance(out, torch.Tensor):
