@@ -12,7 +12,7 @@ import torch
 
 from flashfuse.kernels import op as flash_op
 from flashfuse.kernels.spec import AttentionSpec
-from flashfuse.patterns import rewrite
+from flashfuse.patterns import ops, rewrite
 from flashfuse.patterns.inplace import functionalize_inplace
 from flashfuse.patterns.match import Refuse, is_attention, is_softmax, match_softmax, sdpa_plan
 from flashfuse.patterns.ops import classify
@@ -50,37 +50,70 @@ class Site:
         return " ".join([self.spec.describe(), *extra])
 
 
-def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True, _prefix: str = "") -> list:
+def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True, _prefix: str = "", _call=None) -> list:
     """Rewrite gm in place; return a Site for every softmax and SDPA call found. Subgraphs that gm calls (the
     body of activation checkpointing, of a cond or a wrapper) are rewritten too, each on its own."""
-    backup = _copy_graph(gm.graph)
+    backup, call_args = _copy_graph(gm.graph), _call.args if _call is not None else None
     try:
-        sites = _rewrite(gm, sdpa, _prefix)
+        sites = _rewrite(gm, sdpa, _prefix, _call)
         gm.graph.lint()
         gm.recompile()
     except Exception as exc:  # the pass must never break the user's compilation
         log.warning("flashfuse: leaving this graph unchanged after an internal error: %r", exc)
         gm.graph = backup
         gm.recompile()
+        if _call is not None:
+            _call.args = call_args  # operands this graph imported from its caller
         sites = [Site(_prefix + n.name, "softmax", False, f"internal error: {exc!r}") for n in gm.graph.nodes
                  if is_softmax(n)]
-    for name, sub in _subgraphs(gm):
-        sites += rewrite_graph(sub, sdpa, f"{_prefix}{name}.")
+    subgraphs = _subgraphs(gm)
+    for name, sub, call in subgraphs:
+        sites += rewrite_graph(sub, sdpa, f"{_prefix}{name}.", call)
+    if subgraphs:
+        gm.recompile()  # a subgraph may have taken a new operand from its call here
     return sites
 
 
 def _subgraphs(gm):
-    """(attribute name, GraphModule) for each graph module gm's nodes read with get_attr."""
-    seen = {}
+    """(attribute name, GraphModule, the one call of it or None) for each graph module gm's nodes read with
+    get_attr. A body called once as body(*operands) gets its inputs linked to the operands (ops.outer)."""
+    found = {}
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target not in seen:
-            sub = getattr(gm, node.target, None)
-            if isinstance(sub, torch.fx.GraphModule):
-                seen[node.target] = sub
-    return list(seen.items())
+        if node.op != "get_attr" or node.target in found:
+            continue
+        sub = getattr(gm, node.target, None)
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        call = next(iter(node.users)) if len(node.users) == 1 else None
+        inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if (call is None or call.target not in ops.BODY_CALLS or call.args[:1] != (node,)
+                or len(call.args) != len(inputs) + 1):
+            call = None
+        for placeholder, operand in zip(inputs, call.args[1:] if call is not None else ()):
+            if isinstance(operand, torch.fx.Node):
+                placeholder.meta[ops.OUTER] = operand
+        found[node.target] = (sub, call)
+    return [(name, sub, call) for name, (sub, call) in found.items()]
 
 
-def _rewrite(gm, sdpa, prefix=""):
+def _import_operands(graph, plan, call):
+    """Mask operands the proofs found in the calling graph (ops.outer) become new inputs of this subgraph, passed
+    by its call: the key padding of a checkpointed block's mask, instead of the N x N mask it was given."""
+    for i, (node, keep, layout) in enumerate(plan.masks):
+        if node.graph is graph:
+            continue
+        if call is None or node.graph is not call.graph:
+            raise Refuse("a mask term from a graph that does not call this one")
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last):
+            placeholder = graph.placeholder(f"flashfuse_{node.name}")
+        placeholder.meta.update({key: node.meta[key] for key in ("example_value", "val") if key in node.meta})
+        placeholder.meta[ops.OUTER] = node
+        call.args = (*call.args, node)
+        plan.masks[i] = (placeholder, keep, layout)
+
+
+def _rewrite(gm, sdpa, prefix="", call=None):
     functionalize_inplace(gm.graph)
     sites = []
     for node in list(gm.graph.nodes):
@@ -93,6 +126,7 @@ def _rewrite(gm, sdpa, prefix=""):
             if prefix and plan.spec.random:
                 raise Refuse("dropout inside a subgraph (activation checkpointing recomputes it, and a recomputed "
                              "dropout must draw the same mask; not proven here)")
+            _import_operands(gm.graph, plan, call)
             site.spec, site.operands = plan.spec, plan.operands()
             site.path = _path(plan)
             rewrite.apply(gm.graph, plan)

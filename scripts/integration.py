@@ -1,9 +1,11 @@
-"""flashfuse where users run training: a real training loop, DDP and FSDP2, and the compile caches, each checked
-against eager or stock inductor. CPU by default (tests/test_integration.py runs these); `--device cuda` on a GPU.
+"""flashfuse where users run training: a real training loop, DDP and FSDP2, the compile caches and CUDA graphs,
+each checked against eager or stock inductor. CPU by default (tests/test_integration.py runs these); `--device
+cuda` on a GPU.
 
     python scripts/integration.py train-loop [--device cuda] [--autocast]   # GPT-2, accumulation, checkpointing
     python scripts/integration.py distributed --strategy ddp|fsdp2 [--device cuda] [--world 2]
     python scripts/integration.py caches [--device cuda]                    # a second process hits both caches
+    python scripts/integration.py cudagraphs                                # CUDA only: reduce-overhead replays
     python scripts/integration.py all --device cuda                         # everything above, as a table
 
 Each prints one line per check ("ok ..." or "FAIL ...") and exits non-zero when any check fails. Distributed
@@ -195,9 +197,35 @@ def check_caches(device="cpu"):
     return ok
 
 
+# -- CUDA graphs ------------------------------------------------------------------------------------------------
+
+def check_cudagraphs(device="cuda"):
+    """mode="reduce-overhead": inductor captures the graph, flashfuse's kernels inside it, and replays it; the
+    replayed output equals eager's."""
+    if device != "cuda":
+        print("skipped cudagraphs: needs CUDA")
+        return True
+    from torch._dynamo.utils import counters
+    model, inputs = models.build("gpt2", device="cuda", seq=64, padding=False)
+    with torch.no_grad():
+        expected = models.first_output(model(**inputs))
+        counters.clear()
+        calls = sum(op.CALLS.values())
+        run = torch.compile(model, backend="flashfuse", mode="reduce-overhead")
+        outs = [models.first_output(run(**inputs)).clone() for _ in range(4)]
+    skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+    calls = sum(op.CALLS.values()) - calls
+    err = max(relative_error(out, expected) for out in outs)
+    ok = skips == 0 and calls > 0 and err < 1e-4
+    print(f"{'ok' if ok else 'FAIL'} cudagraphs: 4 calls under reduce-overhead, cudagraph skips {skips}, the op "
+          f"traced {calls} times; replayed output vs eager {err:.1e}", flush=True)
+    return ok
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["train-loop", "distributed", "caches", "all", "_compile-once"])
+    parser.add_argument("check", choices=["train-loop", "distributed", "caches", "cudagraphs", "all",
+                                          "_compile-once"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp2"])
     parser.add_argument("--world", type=int, default=2)
@@ -219,6 +247,8 @@ def main(argv=None):
         checks += [lambda s=s: check_distributed(s, args.device, world) for s in strategies]
     if args.check in ("caches", "all"):
         checks.append(lambda: check_caches(args.device))
+    if args.check in ("cudagraphs", "all"):
+        checks.append(lambda: check_cudagraphs(args.device))
     results = [check() for check in checks]
     sys.exit(0 if all(results) else 1)
 

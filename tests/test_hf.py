@@ -1,5 +1,8 @@
 """flashfuse as transformers' attention implementation (`attn_implementation="fuse"`), without torch.compile:
-greedy generation with a left-padded batch and a training step's gradients equal eager attention's."""
+greedy generation with a left-padded batch and a training step's gradients equal eager attention's.
+FLASHFUSE_TEST_DEVICE=cuda runs them on a GPU (bench/gpu_tests.sh)."""
+import os
+
 import pytest
 import torch
 
@@ -8,6 +11,7 @@ from flashfuse.kernels.op import CALLS
 from flashfuse.tolerances import GRADIENT, gradients_error
 
 transformers = pytest.importorskip("transformers")
+DEVICE = os.environ.get("FLASHFUSE_TEST_DEVICE", "cpu")
 flashfuse.register_transformers()
 
 
@@ -23,8 +27,8 @@ def _pair(family):
                                        num_key_value_heads=2, intermediate_size=64, vocab_size=101)
     torch.manual_seed(0)
     build = transformers.AutoModelForCausalLM.from_config
-    eager = build(cfg, attn_implementation="eager").eval()
-    fused = build(cfg, attn_implementation="fuse").eval()
+    eager = build(cfg, attn_implementation="eager").to(DEVICE).eval()
+    fused = build(cfg, attn_implementation="fuse").to(DEVICE).eval()
     fused.load_state_dict(eager.state_dict())
     return eager, fused
 
@@ -33,7 +37,7 @@ def _batch():
     ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding, as batched generation does
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -85,6 +89,6 @@ def test_a_mask_with_another_term_stays_whole():
 
     from flashfuse import hf
     _, pad = _batch()
-    full = hf.mask_interface(batch_size=2, q_length=7, kv_length=7, attention_mask=pad.bool(),
+    full = hf.mask_interface(batch_size=2, q_length=7, kv_length=7, attention_mask=pad.cpu().bool(),
                              mask_function=and_masks(causal_mask_function, lambda b, h, q, kv: kv != 5))
     assert full.shape == (2, 1, 7, 7) and id(full) not in hf._STRUCTURE

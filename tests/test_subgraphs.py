@@ -21,9 +21,12 @@ def _checkpointed(dropout=0.0):
 
 
 def test_attention_inside_activation_checkpointing_is_rewritten_and_equal():
+    """The padded batch's mask is built outside the checkpointed blocks and passed in: the proofs read it in the
+    calling graph, and the block takes the (B, 1, 1, N) key padding as a new input instead of the N x N mask."""
     model, inputs = _checkpointed()
     report = flashfuse.explain(model, **inputs)
     assert len(report.sites) == 2 and all(s.rewritten and s.node.startswith("wrap_body_") for s in report.sites)
+    assert all(s.spec.causal and s.operands["mask_note"] == "key_padding" for s in report.sites)
     expected = model(**inputs).loss
     expected_grads = torch.autograd.grad(expected, list(model.parameters()))
     torch._dynamo.reset()

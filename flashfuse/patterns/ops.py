@@ -104,6 +104,21 @@ METADATA_ONLY = _targets("type_as", "expand_as", "view_as", "reshape_as", "size"
                          "new_empty", "new_full", "new_tensor")
 
 
+#: higher-order ops that call their body subgraph as body(*operands): activation checkpointing, Dynamo's wrap
+_higher = torch.ops.higher_order
+BODY_CALLS = {getattr(_higher, name) for name in ("tag_activation_checkpoint", "wrap") if hasattr(_higher, name)}
+#: the meta key linking a subgraph's input to the node its caller passes (passes.py sets it)
+OUTER = "flashfuse_outer"
+
+
+def outer(node):
+    """For an input of a subgraph whose caller passes a known node (a checkpointed block's mask, built in the
+    calling graph), that node; else node itself. The proofs read through it; rewrite imports what they use."""
+    if isinstance(node, Node) and node.op == "placeholder":
+        return node.meta.get(OUTER, node)
+    return node
+
+
 def target(node):
     """The function, or the method name, a call node runs; None for other nodes."""
     if isinstance(node, Node) and node.op in ("call_function", "call_method"):

@@ -49,7 +49,7 @@ def _static_int(x):
 def additive_mask(bias, coeff):
     """(cond, keeps, fill) when `coeff * bias` is where(cond, 0, fill) or where(cond, fill, 0) with a fill that
     hides keys (fill * coeff <= -1e4); else None."""
-    op = classify(bias)
+    op = classify(ops.outer(bias))
     if op is None or op.kind != "where" or coeff <= 0:
         return None
     for zero, fill, keeps in (("a", "b", True), ("b", "a", False)):
@@ -92,6 +92,7 @@ def decompose(cond, keeps, nq, nk):
 
 def _terms(node, keeps):
     """The terms of a conjunction of kept keys (a disjunction of hidden ones), each with its polarity."""
+    node = ops.outer(node)
     key = ops.target(node)
     if (key in ops.AND and keeps) or (key in ops.OR and not keeps):
         return _terms(node.args[0], keeps) + _terms(node.args[1], keeps)
