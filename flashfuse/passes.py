@@ -104,12 +104,14 @@ def _import_operands(graph, plan, call):
             continue
         if call is None or node.graph is not call.graph:
             raise Refuse("a mask term from a graph that does not call this one")
-        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-        with graph.inserting_after(last):
-            placeholder = graph.placeholder(f"flashfuse_{node.name}")
-        placeholder.meta.update({key: node.meta[key] for key in ("example_value", "val") if key in node.meta})
-        placeholder.meta[ops.OUTER] = node
-        call.args = (*call.args, node)
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        placeholder = next((n for n in inputs if n.meta.get(ops.OUTER) is node), None)  # passed already
+        if placeholder is None:
+            with graph.inserting_after(inputs[-1]):
+                placeholder = graph.placeholder(f"flashfuse_{node.name}")
+            placeholder.meta.update({key: node.meta[key] for key in ("example_value", "val") if key in node.meta})
+            placeholder.meta[ops.OUTER] = node
+            call.args = (*call.args, node)
         plan.masks[i] = (placeholder, keep, layout)
 
 

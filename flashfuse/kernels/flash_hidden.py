@@ -6,7 +6,8 @@ the GPU reads the stats, and the host launches one kernel instead of inductor's 
 
 Forward, one program per (BLOCK_M queries, batch, q head): hidden rows get mean(v) and max -inf, log-sum 0.
 Backward in two launches over BLOCK_D columns of D. First one program per (BLOCK_M queries, batch, q head): its
-hidden rows' dq (fill_adds), and their sums added into a (B * Hkv, ...) fp32 buffer. Then one per (BLOCK_N keys,
+hidden rows' dq (fill_adds), and their sums added atomically into a (B * Hkv, ...) fp32 buffer (so their
+rounding depends on the order the blocks add in). Then one per (BLOCK_N keys,
 batch, kv head): dv += sum(dout) / Nk and, with fill_adds, the k term. V^T K and dout^T q are (Dv, BLOCK_D)
 products, never (Nq, Nk); a query block with hidden rows reads all keys once.
 """
