@@ -287,3 +287,35 @@ def test_baddbmm_with_a_bias_expanded_from_a_smaller_one():
 
     site = assert_equivalent(fn, q, k, v, rel, expected_sites=1, options=FAST)[0]
     assert site.operands["bias"] and site.spec.scale == pytest.approx(D ** -0.5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi"])
+def test_training_batch_without_a_mask_is_causal(family):
+    """use_cache=False and no attention_mask, as training runs: transformers builds the causal mask from its
+    default position ids (`arange` per row) and ands in a packed-sequence term (ids[b, q] == ids[b, k], ids from
+    diff(position_ids)). Both are proven from the graph: plain causal, no mask tensor reaches the op."""
+    model, inputs = models.build(family, padding=False, seq=24)
+    model.train()
+    inputs = dict(inputs, use_cache=False)
+    sites = flashfuse.explain(model, **inputs).sites
+    assert sites and all(s.rewritten and s.spec.causal and not s.operands.get("mask") for s in sites)
+    expected, expected_grads = _run(model, inputs)
+    torch._dynamo.reset()
+    got, grads = _run(torch.compile(model, backend="flashfuse"), inputs)
+    assert relative_error(got, expected) < FORWARD[torch.float32]
+    assert gradients_error(grads, expected_grads) < GRADIENT[torch.float32]
+
+
+def test_packed_sequences_from_user_position_ids_keep_the_mask():
+    """Position ids a user passes are data (here two packed sequences a row): the packed-sequence term cannot be
+    proven, so the mask stays a tensor, and the answer is still eager's."""
+    model, inputs = models.build("llama", padding=False, seq=16)
+    positions = torch.arange(8).repeat(2)[None].expand(2, -1)
+    inputs = dict(inputs, use_cache=False, position_ids=positions)
+    sites = flashfuse.explain(model, **inputs).sites
+    assert sites and all(s.rewritten and s.operands.get("mask_note", "").startswith("tensor") for s in sites)
+    expected, expected_grads = _run(model, inputs)
+    torch._dynamo.reset()
+    got, grads = _run(torch.compile(model, backend="flashfuse"), inputs)
+    assert relative_error(got, expected) < FORWARD[torch.float32]
+    assert gradients_error(grads, expected_grads) < GRADIENT[torch.float32]

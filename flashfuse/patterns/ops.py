@@ -83,6 +83,11 @@ NOT = _targets(operator.invert, torch.logical_not, torch.bitwise_not, "__invert_
 MASK_PASS = _targets("to", "expand", "contiguous", "bool")
 COMPARE = {operator.le: "le", torch.le: "le", "le": "le", operator.lt: "lt", torch.lt: "lt", "lt": "lt",
            operator.ge: "ge", torch.ge: "ge", "ge": "ge", operator.gt: "gt", torch.gt: "gt", "gt": "gt"}
+EQUAL = {operator.eq: "eq", torch.eq: "eq", "eq": "eq", operator.ne: "ne", torch.ne: "ne", "ne": "ne"}
+#: ops whose value is not a function of their inputs: a mask term computed with one is never evaluated
+RANDOM = _targets(torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.randint_like,
+                  torch.randperm, torch.bernoulli, torch.normal, torch.multinomial, torch.empty, torch.empty_like,
+                  "bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "new_empty")
 PLUS = _targets(operator.add, torch.add)
 MINUS = _targets(operator.sub, torch.sub)
 ARANGE = _targets(torch.arange)

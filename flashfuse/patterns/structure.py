@@ -105,7 +105,10 @@ def _terms(node, keeps):
 
 def _constant_truth(term, nq, nk):
     """True / False when a comparison of query (or key) positions with a constant has that value at every
-    position (transformers' bidirectional mask is `q >= 0`); None otherwise."""
+    position (transformers' bidirectional mask is `q >= 0`), or of one row's ids at a query and at a key when
+    every row holds one id (`_same_row_ids`); None otherwise."""
+    if ops.target(term) in ops.EQUAL:
+        return _same_row_ids(term)
     kind = ops.COMPARE.get(ops.target(term))
     if kind is None or len(term.args) != 2:
         return None
@@ -122,6 +125,61 @@ def _constant_truth(term, nq, nk):
     holds = {"le": (hi <= c, lo > c), "lt": (hi < c, lo >= c), "ge": (lo >= c, hi < c), "gt": (lo > c, hi <= c)}
     always, never = holds[kind]
     return True if always else False if never else None
+
+
+def _same_row_ids(term):
+    """ids[b, q] == ids[b, k] (True; != gives False) when ids is a (B, N) table computed from constants alone whose
+    rows each hold one value: transformers' packed-sequence ids, `(diff(position_ids) != 1).cumsum(-1)`, when the
+    position ids are its default arange (one sequence per row). The table is evaluated; None when it cannot be."""
+    a, b = (_row_lookup(x) for x in term.args[:2]) if len(term.args) == 2 else (None, None)
+    if a is None or b is None or a[0] is not b[0] or {a[1], b[1]} != {"q", "k"}:
+        return None
+    ids = _evaluate(a[0], {})
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not (ids == ids[:, :1]).all():
+        return None
+    return ops.EQUAL[ops.target(term)] == "eq"
+
+
+def _row_lookup(node):
+    """(table, "q" | "k") for table[batch_indices, positions]: one row's value at each query or key position."""
+    if ops.target(node) not in ops.GETITEM or not isinstance(node.args[1], tuple) or len(node.args[1]) != 2:
+        return None
+    rows, positions = node.args[1]
+    index = _index(positions)
+    if not isinstance(node.args[0], Node) or not isinstance(rows, Node) or index is None:
+        return None
+    return node.args[0], index[0]
+
+
+#: the most elements `_evaluate` computes for one node: tables of ids, not (N, N) masks
+_EVALUATE_LIMIT = 1 << 22
+_UNKNOWN = object()
+
+
+def _evaluate(node, memo):
+    """The value of a node computed from constants alone (no graph input, parameter or random op), on the CPU, when
+    every size is static and no intermediate exceeds _EVALUATE_LIMIT elements; else _UNKNOWN."""
+    if not isinstance(node, Node):
+        return node
+    if node in memo:
+        return memo[node]
+    value = _UNKNOWN
+    if node.op in ("call_function", "call_method") and ops.target(node) not in ops.RANDOM:
+        t = tensor_of(node)
+        static = t is None or all(isinstance(n, int) for n in t.shape)
+        if static and (t is None or t.numel() <= _EVALUATE_LIMIT):
+            args = torch.fx.node.map_arg(node.args, lambda n: _evaluate(n, memo))
+            kwargs = {k: ("cpu" if k == "device" else v) for k, v in node.kwargs.items()}
+            kwargs = torch.fx.node.map_arg(kwargs, lambda n: _evaluate(n, memo))
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            if not any(x is _UNKNOWN or isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) for x in leaves):
+                try:
+                    fn = node.target if node.op == "call_function" else getattr(args[0], node.target)
+                    value = fn(*args, **kwargs) if node.op == "call_function" else fn(*args[1:], **kwargs)
+                except Exception:  # anything it cannot compute is simply not proven
+                    value = _UNKNOWN
+    memo[node] = value
+    return value
 
 
 def _hidden_to_kept(bound):
@@ -178,6 +236,9 @@ def _index(node):
         return inner[0], inner[1] + (c if key in ops.PLUS else -c)
     if key in ops.GETITEM and isinstance(node.args[1], tuple):
         index = node.args[1]
+        if len(index) == 2 and all(isinstance(i, Node) for i in index):  # positions[batch, idx], every row arange
+            start, inner = _position_rows(node.args[0]), _index(index[1])
+            return None if start is None or inner is None else (inner[0], inner[1] + start)
         slices = [i for i, s in enumerate(index) if isinstance(s, slice)]
         if len(slices) != 1 or any(s is not None for i, s in enumerate(index) if i != slices[0]):
             return None
@@ -187,6 +248,16 @@ def _index(node):
         axis = {len(index) - 1: "k", len(index) - 2: "q"}.get(slices[0])
         return None if axis is None else (axis, start)
     return None
+
+
+def _position_rows(node):
+    """c if node is (B, N) positions whose every row is arange(N) + c: transformers' default position_ids,
+    `(arange(N) + c).unsqueeze(0).expand(B, -1)`. Positions a user passes are data, and give None."""
+    while ops.target(node) in ops.MASK_PASS:
+        node = node.args[0]
+    if ops.target(node) not in ops.UNSQUEEZE or len(node.args) != 2 or node.args[1] != 0:
+        return None
+    return _arange_start(node.args[0])
 
 
 def _arange_start(node):
