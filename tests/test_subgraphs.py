@@ -15,6 +15,9 @@ def _checkpoint(model, dropout=False):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout) and not dropout:
             module.p = 0.0
+        for name in ("dropout", "attention_dropout", "activation_dropout", "layerdrop"):  # functional dropout rates
+            if isinstance(getattr(module, name, None), float) and not dropout:
+                setattr(module, name, 0.0)
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -42,6 +45,25 @@ def test_attention_inside_activation_checkpointing_is_rewritten_and_equal(family
     got = models.first_output(torch.compile(model, backend="flashfuse")(**inputs))
     grads = torch.autograd.grad(got, params, cotangent)
     assert sum(CALLS.values()) - before >= 4  # 2 layers, forward and the checkpoint's recomputation
+    assert relative_error(got, expected) < FORWARD[torch.float32]
+    assert gradients_error(grads, expected_grads) < GRADIENT[torch.float32]
+
+
+def test_checkpointed_decoder_without_a_mask_is_causal():
+    """Whisper's decoder under checkpointing (use_cache off): its mask comes from position ids repeated per row,
+    proven causal; the encoder and cross attention have no mask. All equal to eager."""
+    model, inputs = models.build("whisper", seq=16)
+    model = _checkpoint(model)
+    sites = flashfuse.explain(model, **inputs).sites
+    assert len(sites) == 3 and all(s.rewritten and not s.operands.get("mask") for s in sites)
+    assert sum(s.spec.causal for s in sites) == 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = models.first_output(model(**inputs))
+    cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+    expected_grads = torch.autograd.grad(expected, params, cotangent, allow_unused=True)
+    torch._dynamo.reset()
+    got = models.first_output(torch.compile(model, backend="flashfuse")(**inputs))
+    grads = torch.autograd.grad(got, params, cotangent, allow_unused=True)
     assert relative_error(got, expected) < FORWARD[torch.float32]
     assert gradients_error(grads, expected_grads) < GRADIENT[torch.float32]
 

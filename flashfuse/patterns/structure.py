@@ -252,12 +252,19 @@ def _index(node):
 
 def _position_rows(node):
     """c if node is (B, N) positions whose every row is arange(N) + c: transformers' default position_ids,
-    `(arange(N) + c).unsqueeze(0).expand(B, -1)`. Positions a user passes are data, and give None."""
-    while ops.target(node) in ops.MASK_PASS:
+    `(arange(N) + c).unsqueeze(0)` then `.expand(B, -1)` or `.repeat(B, 1)`. Positions a user passes are data, and
+    give None."""
+    while ops.target(node) in ops.MASK_PASS or (ops.target(node) in ops.REPEAT and _repeats_rows(node)):
         node = node.args[0]
     if ops.target(node) not in ops.UNSQUEEZE or len(node.args) != 2 or node.args[1] != 0:
         return None
     return _arange_start(node.args[0])
+
+
+def _repeats_rows(node):
+    """True for x.repeat(b, 1): whole rows repeated, each row as it was."""
+    counts = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    return len(counts) == 2 and _static_int(counts[1]) == 1
 
 
 def _arange_start(node):
