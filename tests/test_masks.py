@@ -319,3 +319,31 @@ def test_packed_sequences_from_user_position_ids_keep_the_mask():
     got, grads = _run(torch.compile(model, backend="flashfuse"), inputs)
     assert relative_error(got, expected) < FORWARD[torch.float32]
     assert gradients_error(grads, expected_grads) < GRADIENT[torch.float32]
+
+
+def _packed_ids_attention(same_rows):
+    """Scores masked by causal positions and by per-row sequence ids (constant within each row, different across
+    rows); the query side reads row b, the key side row b (same_rows) or row B - 1 - b."""
+    def fn(q, k, v):
+        b, _, n, _ = q.shape
+        positions = torch.arange(n).unsqueeze(0).expand(b, -1)
+        ids = (torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1).cumsum(-1) + torch.arange(b)[:, None]
+        rows = torch.arange(b)[:, None, None, None]
+        q_pos, k_pos = torch.arange(n)[None, None, :, None], torch.arange(n)[None, None, None, :]
+        keep = (positions[rows, k_pos] <= positions[rows, q_pos]) & (
+            ids[rows, q_pos] == ids[rows if same_rows else b - 1 - rows, k_pos])
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return torch.softmax(scores.masked_fill(~keep, -1e9), -1) @ v
+    return fn
+
+
+@pytest.mark.parametrize("same_rows", [True, False])
+def test_row_id_term_is_dropped_only_when_both_sides_read_the_same_row(same_rows):
+    """ids[b, q] == ids[b, k] holds everywhere when each row of ids is one value; ids[b, q] == ids[b', k] does not
+    (rows differ), so that mask stays a tensor. Both equal eager."""
+    q, k, v = (torch.randn(2, 2, 12, 16, requires_grad=True) for _ in range(3))
+    fn = _packed_ids_attention(same_rows)
+    (site,) = flashfuse.explain(fn, q, k, v).sites
+    assert site.rewritten and site.spec.causal == same_rows
+    assert not site.operands.get("mask") if same_rows else site.operands["mask_note"].startswith("tensor")
+    assert_equivalent(fn, q, k, v, expected_sites=1)

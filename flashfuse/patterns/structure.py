@@ -132,7 +132,7 @@ def _same_row_ids(term):
     rows each hold one value: transformers' packed-sequence ids, `(diff(position_ids) != 1).cumsum(-1)`, when the
     position ids are its default arange (one sequence per row). The table is evaluated; None when it cannot be."""
     a, b = (_row_lookup(x) for x in term.args[:2]) if len(term.args) == 2 else (None, None)
-    if a is None or b is None or a[0] is not b[0] or {a[1], b[1]} != {"q", "k"}:
+    if a is None or b is None or a[:2] != b[:2] or {a[2], b[2]} != {"q", "k"}:  # one table, the same rows
         return None
     ids = _evaluate(a[0], {})
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not (ids == ids[:, :1]).all():
@@ -141,14 +141,14 @@ def _same_row_ids(term):
 
 
 def _row_lookup(node):
-    """(table, "q" | "k") for table[batch_indices, positions]: one row's value at each query or key position."""
+    """(table, rows, "q" | "k") for table[rows, positions]: a row's value at each query or key position."""
     if ops.target(node) not in ops.GETITEM or not isinstance(node.args[1], tuple) or len(node.args[1]) != 2:
         return None
     rows, positions = node.args[1]
     index = _index(positions)
     if not isinstance(node.args[0], Node) or not isinstance(rows, Node) or index is None:
         return None
-    return node.args[0], index[0]
+    return node.args[0], rows, index[0]
 
 
 #: the most elements `_evaluate` computes for one node: tables of ids, not (N, N) masks
