@@ -44,11 +44,7 @@ def _batch(step, device, batch=4, seq=32, rank=0):
 def train_losses(backend, device="cpu", steps=20, accumulate=2, autocast=False):
     """Losses of `steps` AdamW steps of the tiny GPT-2 with gradient checkpointing, `accumulate` micro-batches a
     step (the same ones each step, so the loss falls as the model learns them); backend None runs eager."""
-    model = models.gpt2_lm(device=device)
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = models.checkpointed(models.gpt2_lm(device=device))
     run = torch.compile(model, backend=backend) if backend else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []

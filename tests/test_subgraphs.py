@@ -18,12 +18,22 @@ def _checkpoint(model, dropout=False):
         for name in ("dropout", "attention_dropout", "activation_dropout", "layerdrop"):  # functional dropout rates
             if isinstance(getattr(module, name, None), float) and not dropout:
                 setattr(module, name, 0.0)
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train()
+    return models.checkpointed(model)
+
+
+def _assert_equal_to_eager(model, inputs):
+    """The compiled model's output and parameter gradients against eager's; returns how often the op ran."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = models.first_output(model(**inputs))
+    cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+    expected_grads = torch.autograd.grad(expected, params, cotangent, allow_unused=True)
+    torch._dynamo.reset()
+    before = sum(CALLS.values())
+    got = models.first_output(torch.compile(model, backend="flashfuse")(**inputs))
+    grads = torch.autograd.grad(got, params, cotangent, allow_unused=True)
+    assert relative_error(got, expected) < FORWARD[torch.float32]
+    assert gradients_error(grads, expected_grads) < GRADIENT[torch.float32]
+    return sum(CALLS.values()) - before
 
 
 @pytest.mark.parametrize("family, window", [("gpt2", (-1, -1)), ("llama", (-1, -1)), ("mistral", (4, -1))])
@@ -36,17 +46,7 @@ def test_attention_inside_activation_checkpointing_is_rewritten_and_equal(family
     assert len(report.sites) == 2 and all(s.rewritten and s.node.startswith("wrap_body_") for s in report.sites)
     assert all(s.spec.causal and s.spec.window == window and s.operands["mask_note"] == "key_padding"
                for s in report.sites)
-    params = list(model.parameters())
-    expected = models.first_output(model(**inputs))
-    cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
-    expected_grads = torch.autograd.grad(expected, params, cotangent)
-    torch._dynamo.reset()
-    before = sum(CALLS.values())
-    got = models.first_output(torch.compile(model, backend="flashfuse")(**inputs))
-    grads = torch.autograd.grad(got, params, cotangent)
-    assert sum(CALLS.values()) - before >= 4  # 2 layers, forward and the checkpoint's recomputation
-    assert relative_error(got, expected) < FORWARD[torch.float32]
-    assert gradients_error(grads, expected_grads) < GRADIENT[torch.float32]
+    assert _assert_equal_to_eager(model, inputs) >= 4  # 2 layers, forward and the checkpoint's recomputation
 
 
 def test_checkpointed_decoder_without_a_mask_is_causal():
@@ -57,15 +57,7 @@ def test_checkpointed_decoder_without_a_mask_is_causal():
     sites = flashfuse.explain(model, **inputs).sites
     assert len(sites) == 3 and all(s.rewritten and not s.operands.get("mask") for s in sites)
     assert sum(s.spec.causal for s in sites) == 1
-    params = [p for p in model.parameters() if p.requires_grad]
-    expected = models.first_output(model(**inputs))
-    cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
-    expected_grads = torch.autograd.grad(expected, params, cotangent, allow_unused=True)
-    torch._dynamo.reset()
-    got = models.first_output(torch.compile(model, backend="flashfuse")(**inputs))
-    grads = torch.autograd.grad(got, params, cotangent, allow_unused=True)
-    assert relative_error(got, expected) < FORWARD[torch.float32]
-    assert gradients_error(grads, expected_grads) < GRADIENT[torch.float32]
+    _assert_equal_to_eager(model, inputs)
 
 
 def test_dropout_inside_activation_checkpointing_is_left_alone_with_the_reason():

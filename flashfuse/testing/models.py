@@ -157,6 +157,17 @@ def gpt2_lm(seed=0, device="cpu", dropout=0.0, attn="eager", **sizes):
     return _hf_model("GPT2", {**config, **sizes}, attn, head=True).to(device).train()
 
 
+def checkpointed(model):
+    """Turn on transformers' activation checkpointing (non-reentrant torch.utils.checkpoint); returns the model in
+    train mode. transformers 5.2x names it `activation_checkpointing_enable` (the old name warns there)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
 def first_output(out):
     """The main tensor of a model's output (last_hidden_state, logits or a plain tensor)."""
     if isinstance(out, torch.Tensor):
