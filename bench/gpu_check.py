@@ -68,7 +68,7 @@ def check(name, b, hq, hkv, nq, nk, d, dv=None, dtype=torch.bfloat16, causal=Fal
     dlse_t = torch.randn(stats.shape[1:], device=DEV) if dlse else None  # a sink's gradient of the logsumexp
     grads = flash.backward(dout, q, k, v, bias_t, mask_t, seed, out, stats, spec, bias_t is not None, dlse=dlse_t)
     torch.cuda.synchronize()
-    keep = flash.dropout_keep_mask(seed, (b, hq, nq, nk), dropout_p, DEV) if dropout_p else None
+    keep = flash.dropout_scale(seed, (b, hq, nq, nk), spec, DEV, torch.float64) if dropout_p else None
     ref_out, ref_lse, *ref_grads = oracle_gradients(dout, q, k, v, spec, bias_t, mask_t, keep)
     if dlse:  # float64 autograd through the oracle's out and lse together
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -121,6 +121,7 @@ CASES = [
     ("fp32 tf32 1x2x1024 d64", dict(b=1, hq=2, hkv=2, nq=1024, nk=1024, d=64, dtype=torch.float32, tf32=True)),
     ("decode 4x32/8 q1 k16384 d128", dict(b=4, hq=32, hkv=8, nq=1, nk=16384, d=128)),
     ("decode 2x16/2 q16 k8192 causal", dict(b=2, hq=16, hkv=2, nq=16, nk=8192, d=128, causal=True)),
+    ("decode dropout 2x8/2 q2 k5000", dict(b=2, hq=8, hkv=2, nq=2, nk=5000, d=128, dropout_p=0.2)),
     ("decode q4 k5000 bias window d64", dict(b=2, hq=4, hkv=2, nq=4, nk=5000, d=64, bias=(2, 4, 4, 5000),
                                              window=(1000, 0))),
 ]

@@ -43,10 +43,10 @@ def _tensor(shape, dtype, layout="bhnd", gen=None):
     return torch.randn(shape, generator=gen).to(dtype)
 
 
-def _keep_mask(impl, seed, shape, dropout_p):
+def _dropout_scale(impl, seed, shape, spec):
     if impl == "triton":
-        return flash.dropout_keep_mask(seed, shape, dropout_p, "cpu")
-    return cpu.dropout_keep(seed, shape, dropout_p, "cpu")
+        return flash.dropout_scale(seed, shape, spec, "cpu", torch.float64)
+    return cpu.dropout_scale(seed, shape, spec, "cpu", dtype=torch.float64)
 
 
 def _lse_error(actual, expected):
@@ -86,7 +86,7 @@ def check(impl="triton", b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=to
                          causal=causal, window=window, dropout_p=dropout_p, empty_rows=empty_rows, fill_adds=fill_adds)
     seed_t = torch.tensor([1234 + seed], dtype=torch.int64) if dropout_p else None
     out, stats = run.forward(q, k, v, bias_t, mask_t, seed_t, spec)
-    keep = _keep_mask(impl, seed_t, (b, hq, nq, nk), dropout_p) if dropout_p else None
+    keep = _dropout_scale(impl, seed_t, (b, hq, nq, nk), spec) if dropout_p else None
     assert out.shape == (b, hq, nq, dv) and out.dtype == dtype
     assert stats.shape == (2, b, hq, nq) and stats.dtype == cpu.stats_dtype(dtype)
     dout = torch.randn(out.shape, generator=gen).to(dtype)
@@ -213,9 +213,12 @@ def test_dropout(impl, causal, hq, hkv):
 
 def test_dropout_stream():
     seed = torch.tensor([7], dtype=torch.int64)
-    keep = flash.dropout_keep_mask(seed, (2, 3, 50, 70), 0.3, "cpu")
-    assert torch.equal(keep, flash.dropout_keep_mask(seed, (2, 3, 50, 70), 0.3, "cpu"))
-    assert not torch.equal(keep, flash.dropout_keep_mask(seed + 1, (2, 3, 50, 70), 0.3, "cpu"))
+    spec = AttentionSpec(dropout_p=0.3)
+    scale = flash.dropout_scale(seed, (2, 3, 50, 70), spec, "cpu")
+    assert torch.equal(scale, flash.dropout_scale(seed, (2, 3, 50, 70), spec, "cpu"))
+    assert not torch.equal(scale, flash.dropout_scale(seed + 1, (2, 3, 50, 70), spec, "cpu"))
+    assert set(scale.unique().tolist()) == {0.0, torch.tensor(1 / 0.7).item()}
+    keep = scale > 0
     assert abs(keep.float().mean().item() - 0.7) < 0.02
     # one Philox call serves 8 keys: each of the 8 lanes keeps 70%, and neighbours are independent
     lanes = keep.float().reshape(-1, 70)[:, :64].reshape(-1, 8).mean(0)

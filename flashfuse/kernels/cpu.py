@@ -26,18 +26,19 @@ def _acc(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def dropout_keep(seed, shape, dropout_p, device, start=0, end=None):
-    """Keep-mask of the CPU path's dropout for keys [start, end) of a (B, Hq, Nq, Nk) problem: one
-    generator per KEY_BLOCK keys, seeded from `seed` (int64 (1,)), so any block can be redrawn alone."""
+def dropout_scale(seed, shape, spec, device, start=0, end=None, dtype=torch.float32):
+    """What the CPU path's dropout multiplies p by for keys [start, end) of a (B, Hq, Nq, Nk) problem: 0 for a
+    dropped key, 1 / (1 - dropout_p) for a kept one. One generator per KEY_BLOCK keys, seeded from `seed`
+    (int64 (1,)), so any block can be redrawn alone."""
     b, h, nq, nk = shape
     end = nk if end is None else end
     cols = []
     for block in range(start - start % KEY_BLOCK, end, KEY_BLOCK):
         gen = torch.Generator(device="cpu").manual_seed(int(seed.reshape(-1)[0]) * 1_000_003 + block)
-        cols.append(torch.rand(b, h, nq, min(KEY_BLOCK, nk - block), generator=gen) >= dropout_p)
+        cols.append(torch.rand(b, h, nq, min(KEY_BLOCK, nk - block), generator=gen) >= spec.dropout_p)
     keep = torch.cat(cols, dim=-1)
     off = start % KEY_BLOCK
-    return keep[..., off:off + (end - start)].to(device)
+    return keep[..., off:off + (end - start)].to(device, dtype) / (1.0 - spec.dropout_p)
 
 
 def _fused_ok(q, k, v, bias, mask, spec, bias_grad=False):
@@ -120,7 +121,7 @@ def _forward(q, k, v, bias, mask, seed, spec):
         alpha = torch.exp(m - shift)
         l = l * alpha + p.sum(-1, keepdim=True)
         if spec.dropout_p:
-            p = p * dropout_keep(seed, (b, hq, nq, nk), spec.dropout_p, q.device, start, end) / (1.0 - spec.dropout_p)
+            p = p * dropout_scale(seed, (b, hq, nq, nk), spec, q.device, start, end, acc)
         o = o * alpha + torch.matmul(p, vx[:, :, start:end].to(acc))
         m = m_new
     stats = torch.stack([m.squeeze(-1), torch.log(l).squeeze(-1)]).to(stats_dtype(q.dtype))
@@ -169,7 +170,7 @@ def _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse
         p = torch.exp((s - row_max) - log_sum)
         dp = torch.matmul(do, vx[:, :, start:end].transpose(-1, -2))
         if spec.dropout_p:
-            keep = dropout_keep(seed, (b, hq, nq, nk), spec.dropout_p, q.device, start, end) / (1.0 - spec.dropout_p)
+            keep = dropout_scale(seed, (b, hq, nq, nk), spec, q.device, start, end, acc)
             dv[:, :, start:end] += torch.matmul((p * keep).transpose(-1, -2), do)
             dp = dp * keep
         else:

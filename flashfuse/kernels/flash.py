@@ -6,10 +6,10 @@ problems empty.py. Few queries over long keys (decode) take flash_decode.py; eve
 kernels of flash_fwd.py / flash_bwd.py.
 """
 from flashfuse.kernels import configs, cpu, empty, flash_bwd, flash_decode, flash_fwd, flash_hidden
-from flashfuse.kernels.flash_common import as_bytes, dropout_keep_mask
+from flashfuse.kernels.flash_common import as_bytes, dropout_scale
 from flashfuse.kernels.flash_fwd import unit_last_stride
 
-__all__ = ["forward", "backward", "dropout_keep_mask"]
+__all__ = ["forward", "backward", "dropout_scale"]
 
 
 def direct(kernel, grid):

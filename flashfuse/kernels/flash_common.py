@@ -209,12 +209,10 @@ def as_bytes(mask):
     return mask.view(torch.uint8) if type(mask) is torch.Tensor else mask.to(torch.uint8)
 
 
-def dropout_keep_mask(seed, shape, dropout_p, device):
-    """The kernels' dropout keep-mask for a (B, Hq, Nq, Nk) problem, as a bool tensor of that shape.
-
-    Tests pass it to reference.oracle(..., dropout_keep=...) to check the kernels' dropout.
-    """
+def dropout_scale(seed, shape, spec, device, dtype=torch.float32):
+    """What the kernels' dropout multiplies p by in a (B, Hq, Nq, Nk) problem, as a tensor of that shape: 0 for
+    a dropped key, 1 / (1 - dropout_p) for a kept one. Tests pass it to reference.oracle(..., dropout_scale=...)."""
     b, h, nq, nk = shape
     keep = torch.empty((b * h * nq, nk), dtype=torch.uint8, device=device)
-    _keep_mask_kernel[(b * h * nq,)](seed.to(device), keep, nk, DROPOUT_P=float(dropout_p), BLOCK=64)
-    return keep.view(torch.bool).reshape(shape)
+    _keep_mask_kernel[(b * h * nq,)](seed.to(device), keep, nk, DROPOUT_P=spec.dropout_p, BLOCK=64)
+    return keep.reshape(shape).to(dtype) / (1.0 - spec.dropout_p)

@@ -62,8 +62,8 @@ def _decode_split_kernel(Q, K, V, Bias, Mask, Seed, OPart, MPart, LPart,
                                skn, svn, Bias + b * sbb + h * sbh + i * sbm, sbn, Mask + b * smb + h * smh + i * smm,
                                smn, mask_value, seed, n_keys, shift, True, RAW, SCALE, SOFTCAP, LEFT, RIGHT,
                                DROPOUT_P, HAS_BIAS, HAS_MASK, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
-    # partials stay unscaled by dropout and keep empty rows as NaN: the combine kernel applies both
-    out, m_i, log_sum = _fwd_epilogue(acc, l_i, m_i, RAW, SCALE, 0.0, False)
+    # partials take dropout's 1 / (1 - p) (a weighted average keeps it) and keep empty rows as NaN for the combine
+    out, m_i, log_sum = _fwd_epilogue(acc, l_i, m_i, RAW, SCALE, DROPOUT_P, False)
     total_rows = tl.num_programs(1).to(tl.int64) * group * n_queries
     part = split.to(tl.int64) * total_rows + row
     valid = r < n_rows
@@ -73,8 +73,7 @@ def _decode_split_kernel(Q, K, V, Bias, Mask, Seed, OPart, MPart, LPart,
 
 
 @triton.jit
-def _decode_combine_kernel(OPart, MPart, LPart, Out, Stats, n_splits, DROPOUT_P: tl.constexpr,
-                           EMPTY_ZERO: tl.constexpr, DV: tl.constexpr, HEAD_DV: tl.constexpr,
+def _decode_combine_kernel(OPart, MPart, LPart, Out, Stats, n_splits, EMPTY_ZERO: tl.constexpr, DV: tl.constexpr, HEAD_DV: tl.constexpr,
                            SPLITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     total_rows = tl.num_programs(0).to(tl.int64)
@@ -94,8 +93,6 @@ def _decode_combine_kernel(OPart, MPart, LPart, Out, Stats, n_splits, DROPOUT_P:
     out = tl.sum(w[:, None] * o, 0) / l  # a row that saw no key: 0/0 = NaN, max = log-sum = -inf
     if EMPTY_ZERO:
         out = tl.where(l == 0.0, 0.0, out)
-    if DROPOUT_P > 0.0:
-        out = out * (1.0 / (1.0 - DROPOUT_P))
     tl.store(Out + row * DV + d, out.to(Out.dtype.element_ty), mask=d < DV)
     tl.store(Stats + row, m)
     tl.store(Stats + total_rows + row, tl.log(l))
@@ -145,6 +142,6 @@ def forward(q, k, v, bias, mask, seed, spec, launch):
     out = torch.empty((b, hq, nq, dv), dtype=q.dtype, device=q.device)
     stats = torch.empty((2, b, hq, nq), dtype=torch.float32, device=q.device)
     launch(_decode_combine_kernel, (total_rows,))(
-        o_part, m_part, l_part, out, stats, splits, DROPOUT_P=spec.dropout_p, EMPTY_ZERO=spec.empty_rows == "zero",
+        o_part, m_part, l_part, out, stats, splits, EMPTY_ZERO=spec.empty_rows == "zero",
         DV=dv, HEAD_DV=head_dv, SPLITS=configs.pow2(splits))
     return out, stats

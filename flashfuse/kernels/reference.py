@@ -69,12 +69,13 @@ def scores(q: Tensor, k: Tensor, spec: AttentionSpec, bias: Optional[Tensor] = N
 
 
 def oracle(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, bias: Optional[Tensor] = None,
-           mask: Optional[Tensor] = None, dropout_keep: Optional[Tensor] = None):
+           mask: Optional[Tensor] = None, dropout_scale: Optional[Tensor] = None):
     """The op's result in float64: (out (B, Hq, Nq, Dv), lse (B, Hq, Nq)).
 
     q, k, v, bias: as the op takes them; they are upcast to float64 (pass float64 leaves to take gradients,
-    or use `oracle_gradients`). dropout_keep: the bool keep-mask, broadcastable to (B, Hq, Nq, Nk), that the
-    implementation under test drew (flash.dropout_keep_mask, cpu.dropout_keep); None applies no dropout.
+    or use `oracle_gradients`). dropout_scale: what dropout multiplies p by (0, or 1 / (1 - p) for a kept key),
+    broadcastable to (B, Hq, Nq, Nk), as the implementation under test drew it (flash.dropout_scale,
+    cpu.dropout_scale); None applies no dropout.
     A query that sees no key (every score -inf, or the mask's finite fill when spec.empty_rows == "average")
     gives NaN, 0 with empty_rows "zero", the mean of v over all keys with "average"; its lse is -inf, and only
     the mean's gradient (into v) flows back through it.
@@ -87,8 +88,8 @@ def oracle(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, bias: Optional[
         dead = ((s == spec.mask_value) | torch.isneginf(s)).all(-1, keepdim=True)
     lse = torch.logsumexp(s, -1).masked_fill(dead.squeeze(-1), float("-inf"))
     p = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
-    if dropout_keep is not None:
-        p = p * dropout_keep / (1.0 - spec.dropout_p)
+    if dropout_scale is not None:
+        p = p * dropout_scale.double()
     vx = repeat_kv(v, q.shape[1] // v.shape[1])
     out = p @ vx
     if spec.empty_rows == "average":
@@ -103,11 +104,11 @@ def oracle(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, bias: Optional[
 
 def oracle_gradients(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
                      bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                     dropout_keep: Optional[Tensor] = None):
+                     dropout_scale: Optional[Tensor] = None):
     """(out, lse, dq, dk, dv, dbias) of `oracle` in float64 for the cotangent dout (dbias None without a bias)."""
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     if bias is not None:
         leaves.append(bias.detach().double().requires_grad_())
-    out, lse = oracle(*leaves[:3], spec, leaves[3] if bias is not None else None, mask, dropout_keep)
+    out, lse = oracle(*leaves[:3], spec, leaves[3] if bias is not None else None, mask, dropout_scale)
     grads = torch.autograd.grad(out, leaves, torch.nan_to_num(dout.double()))
     return (out.detach(), lse.detach(), *grads) + ((None,) if bias is None else ())
