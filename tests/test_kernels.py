@@ -314,6 +314,46 @@ def test_triton_hidden_row_fixups_match_the_cpu_paths(dtype, hq, hkv, d, dv, lay
             assert_close(g.double() - before.double(), w - before.double(), dtype, "gradient", name)
 
 
+def test_triton_hidden_rows_with_an_infinite_fill():
+    """With mask_value -inf the kernel takes a stand-in fill (fill_argument: 0.0) and must not read it: a row
+    whose max score is exactly 0.0 keeps its output, rows that saw only -inf take the mean of v."""
+    from flashfuse.kernels import flash_hidden, hidden_rows
+    gen = torch.Generator().manual_seed(3)
+    v, out = torch.randn(2, 2, 90, 24, generator=gen), torch.randn(2, 4, 70, 24, generator=gen)
+    stats = torch.randn(2, 2, 4, 70, generator=gen)
+    stats[0, 0, :, :5] = 0.0
+    stats[0, 1, 2, 40:] = NEG_INF
+    spec = AttentionSpec(empty_rows="average")
+    want_out, want_stats = hidden_rows.finish_forward(out.double(), stats.double(), v.double(), spec)
+    got_out, got_stats = flash_hidden.finish_forward(out.clone(), stats.clone(), v, spec, flash.direct)
+    assert torch.equal(got_out[0, :, :5], out[0, :, :5]) and not torch.equal(got_out, out)
+    assert torch.equal(got_stats, want_stats.float())
+    assert_close(got_out, want_out, torch.float32)
+
+
+@pytest.mark.parametrize("mask_value,empty_rows,nq", [(NEG_INF, "nan", 40), (NEG_INF, "average", 40),
+                                                      (-1e9, "average", 40), (NEG_INF, "average", 2)])
+def test_kernel_arguments_are_finite_floats(mask_value, empty_rows, nq):
+    """AOTInductor writes a kernel's float arguments into Python source and spells -inf as `inf`, an undefined
+    name: every launch (forward, decode, backward, hidden-row fix-ups) must take finite floats only."""
+    import math
+    seen = []
+
+    def recording(kernel, grid):
+        def call(*args, **kwargs):
+            seen.extend(x for x in (*args, *kwargs.values()) if isinstance(x, float))
+            return kernel[grid](*args, **kwargs)
+        return call
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=gen) for n in (nq, 56, 56))
+    mask = torch.rand(2, 1, 1, 56, generator=gen) > 0.3
+    spec = AttentionSpec(scale=0.25, mask_value=mask_value, empty_rows=empty_rows, causal=True)
+    out, stats = flash.forward(q, k, v, None, mask, None, spec, launch=recording)
+    flash.backward(torch.randn_like(out), q, k, v, None, mask, None, out, stats, spec, False, launch=recording)
+    assert seen and all(math.isfinite(x) for x in seen), seen
+
+
 def test_cpu_path_crosses_key_blocks():
     """The CPU path's online softmax over several key blocks, and its aten fast path for plain causal."""
     check("cpu", nq=600, nk=1100, b=1, hq=2, d=16, mask=(1, 1, 600, 1100), dropout_p=0.1)

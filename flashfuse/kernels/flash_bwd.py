@@ -22,6 +22,7 @@ from flashfuse.kernels.flash_common import (
     _stage,
     broadcast_strides,
     constexprs,
+    fill_argument,
 )
 from flashfuse.kernels.flash_fwd import head_pad
 
@@ -194,11 +195,12 @@ def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launc
     flags = dict(constexprs(spec, bias, mask, q.dtype), D=d, DV=dv_, HEAD_D=head_d, HEAD_DV=head_dv)
     cfg = configs.default("dq", head)
     launch(_dq_kernel, (configs.cdiv(nq, cfg["BLOCK_M"]), b * hq))(
-        *tensors, dq, out, *strides, hq, hq // hkv, nq, nk, spec.mask_value, **flags, **cfg, DELTA_IN=dlse is not None)
+        *tensors, dq, out, *strides, hq, hq // hkv, nq, nk, fill_argument(spec), **flags, **cfg,
+        DELTA_IN=dlse is not None)
     cfg = configs.default("dkdv", head)
     launch(_dkdv_kernel, (configs.cdiv(nk, cfg["BLOCK_N"]), b * hkv))(
         *tensors, dbias, dk, dv, *strides, *broadcast_strides(dbias if bias_grad else None), hq, hq // hkv, nq, nk,
-        spec.mask_value, **flags, **cfg, BIAS_GRAD=bias_grad, DB_Q1=db_q1, DB_K1=db_k1, DB_ATOMIC=db_atomic)
+        fill_argument(spec), **flags, **cfg, BIAS_GRAD=bias_grad, DB_Q1=db_q1, DB_K1=db_k1, DB_ATOMIC=db_atomic)
     if not bias_grad:
         return dq, dk, dv, None
     return dq, dk, dv, dbias.to(bias.dtype)

@@ -6,11 +6,14 @@ or [1, BM] and [BN, 1] for k @ q^T. The forward, dQ, dK/dV and decode kernels al
 so bias, mask, softcap, causal/window and dropout follow one rule everywhere.
 
 The spec reaches the kernels as constexprs (`constexprs`): SCALE, SOFTCAP, LEFT, RIGHT (the key bounds of
-spec.key_bounds, -1 unbounded), DROPOUT_P, HAS_BIAS, HAS_MASK, RAW (scores are just SCALE * q.k: no softcap,
-bias or mask, SCALE > 0, so the kernels keep raw q.k and fold SCALE * LOG2E into exp2), PRECISION for the
-dots, and MASK_KEYS: the mask has no query dim (key padding), so a tile reads one row of it, not a row per query.
-The mask's fill value is a runtime argument, `mask_value` (-inf is no constexpr inductor can print).
+spec.key_bounds, -1 unbounded), DROPOUT_P, HAS_BIAS, HAS_MASK (0: none; 1: hidden scores take the runtime
+`mask_value`; 2: they take -inf, a float that AOTInductor's generated code cannot spell: it prints `inf`), RAW
+(scores are just SCALE * q.k: no softcap, bias or mask, SCALE > 0, so the kernels keep raw q.k and fold
+SCALE * LOG2E into exp2), PRECISION for the dots, and MASK_KEYS: the mask has no query dim (key padding), so a
+tile reads one row of it, not a row per query.
+A finite fill is a runtime argument, `mask_value` (`fill_argument`), so that fills do not multiply compiles.
 """
+import math
 import os
 
 import torch
@@ -68,8 +71,10 @@ def _score_tile(qk, i, j, n_keys, shift, bias_ptrs, mask_ptrs, mask_value, MASKE
                 keep = tl.load(mask_ptrs, mask=j < n_keys, other=1) != 0
             else:
                 keep = tl.load(mask_ptrs) != 0
-            # fp32 explicitly: inductor types a float argument fp64, which would promote the scores
-            s = tl.where(keep, s, tl.cast(mask_value, tl.float32))
+            if HAS_MASK == 2:
+                s = tl.where(keep, s, float("-inf"))
+            else:  # fp32 explicitly: inductor types a float argument fp64, which would promote the scores
+                s = tl.where(keep, s, tl.cast(mask_value, tl.float32))
     if MASKED:
         # bottom-right aligned: query i faces key i + shift (shift = Nk - Nq); hidden keys get -inf
         visible = j < n_keys
@@ -180,8 +185,14 @@ def constexprs(spec, bias, mask, dtype):
     left, right = spec.key_bounds()
     raw = bias is None and mask is None and not spec.softcap and spec.scale > 0
     return dict(SCALE=spec.scale, SOFTCAP=spec.softcap, LEFT=left, RIGHT=right, DROPOUT_P=spec.dropout_p,
-                HAS_BIAS=bias is not None, HAS_MASK=mask is not None, RAW=raw, PRECISION=precision(dtype),
+                HAS_BIAS=bias is not None, HAS_MASK=0 if mask is None else 2 if spec.mask_value == -math.inf else 1,
+                RAW=raw, PRECISION=precision(dtype),
                 MASK_KEYS=mask is not None and mask.shape[2] == 1)
+
+
+def fill_argument(spec):
+    """The runtime `mask_value` the kernels take: the spec's finite fill, else 0.0 (unused: HAS_MASK says -inf)."""
+    return spec.mask_value if spec.mask_value != -math.inf else 0.0
 
 
 def precision(dtype):

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from flashfuse.kernels import configs
-from flashfuse.kernels.flash_common import broadcast_strides, constexprs
+from flashfuse.kernels.flash_common import broadcast_strides, constexprs, fill_argument
 from flashfuse.kernels.flash_fwd import _fwd_epilogue, _fwd_inner, head_pad
 
 MAX_QUERIES = 16
@@ -73,8 +73,8 @@ def _decode_split_kernel(Q, K, V, Bias, Mask, Seed, OPart, MPart, LPart,
 
 
 @triton.jit
-def _decode_combine_kernel(OPart, MPart, LPart, Out, Stats, n_splits, EMPTY_ZERO: tl.constexpr, DV: tl.constexpr, HEAD_DV: tl.constexpr,
-                           SPLITS: tl.constexpr):
+def _decode_combine_kernel(OPart, MPart, LPart, Out, Stats, n_splits, EMPTY_ZERO: tl.constexpr, DV: tl.constexpr,
+                           HEAD_DV: tl.constexpr, SPLITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     total_rows = tl.num_programs(0).to(tl.int64)
     s = tl.arange(0, SPLITS)
@@ -137,8 +137,9 @@ def forward(q, k, v, bias, mask, seed, spec, launch):
     launch(_decode_split_kernel, (splits, b * hkv, m_tiles))(
         q, k, v, q if bias is None else bias, q if mask is None else mask, q if seed is None else seed,
         o_part, m_part, l_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *broadcast_strides(bias),
-        *broadcast_strides(mask), hq, group, nq, nk, chunk, spec.mask_value, **constexprs(spec, bias, mask, q.dtype),
-        D=d, DV=dv, HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_M=block_m, BLOCK_N=block_n, **cfg)
+        *broadcast_strides(mask), hq, group, nq, nk, chunk, fill_argument(spec),
+        **constexprs(spec, bias, mask, q.dtype), D=d, DV=dv, HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_M=block_m,
+        BLOCK_N=block_n, **cfg)
     out = torch.empty((b, hq, nq, dv), dtype=q.dtype, device=q.device)
     stats = torch.empty((2, b, hq, nq), dtype=torch.float32, device=q.device)
     launch(_decode_combine_kernel, (total_rows,))(

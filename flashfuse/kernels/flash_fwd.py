@@ -18,6 +18,7 @@ from flashfuse.kernels.flash_common import (
     _stage,
     broadcast_strides,
     constexprs,
+    fill_argument,
 )
 
 
@@ -171,7 +172,7 @@ def forward(q, k, v, bias, mask, seed, spec, launch):
     launch(_fwd_kernel, grid)(
         q, k, v, q if bias is None else bias, q if mask is None else mask, q if seed is None else seed, out, stats,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *broadcast_strides(bias), *broadcast_strides(mask),
-        hq, hq // hkv, nq, nk, spec.mask_value, **constexprs(spec, bias, mask, q.dtype),
+        hq, hq // hkv, nq, nk, fill_argument(spec), **constexprs(spec, bias, mask, q.dtype),
         EMPTY_ZERO=spec.empty_rows == "zero",
         D=d, DV=dv, HEAD_D=head_d, HEAD_DV=head_dv, **cfg)
     return out, stats

@@ -11,12 +11,14 @@ rounding depends on the order the blocks add in). Then one per (BLOCK_N keys,
 batch, kv head): dv += sum(dout) / Nk and, with fill_adds, the k term. V^T K and dout^T q are (Dv, BLOCK_D)
 products, never (Nq, Nk); a query block with hidden rows reads all keys once.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from flashfuse.kernels import configs
-from flashfuse.kernels.flash_common import _dot, precision
+from flashfuse.kernels.flash_common import _dot, fill_argument, precision
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -24,13 +26,17 @@ BLOCK_N = 64
 
 @triton.jit
 def _hidden_fwd_kernel(Out, Stats, V, so_b, so_h, so_m, ss_t, ss_b, ss_h, sv_b, sv_h, sv_n, n_heads, group, nq, nk,
-                       fill, DV: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       fill, FINITE_FILL: tl.constexpr, DV: tl.constexpr, HEAD_DV: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(1) // n_heads
     h = tl.program_id(1) % n_heads
     i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ptrs = Stats + b * ss_b + h * ss_h + i
     m = tl.load(m_ptrs, mask=i < nq, other=0.0)
-    hidden = (i < nq) & ((m == tl.cast(fill, tl.float32)) | (m == float("-inf")))
+    hidden = m == float("-inf")
+    if FINITE_FILL:  # else fill is a stand-in (fill_argument): -inf has no spelling in inductor's generated code
+        hidden = hidden | (m == tl.cast(fill, tl.float32))
+    hidden = hidden & (i < nq)
     if tl.sum(hidden.to(tl.int32), 0) > 0:
         offs_dv = tl.arange(0, HEAD_DV)
         total = tl.zeros([BLOCK_N, HEAD_DV], tl.float32)
@@ -147,8 +153,9 @@ def finish_forward(out, stats, v, spec, launch):
     hkv, nk = v.shape[1], v.shape[2]
     launch(_hidden_fwd_kernel, (configs.cdiv(nq, BLOCK_M), b * hq))(
         out, stats, v, out.stride(0), out.stride(1), out.stride(2), stats.stride(0), stats.stride(1),
-        stats.stride(2), v.stride(0), v.stride(1), v.stride(2), hq, hq // hkv, nq, nk, spec.mask_value,
-        DV=dv, HEAD_DV=_head_dim(dv), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=_warps(dv))
+        stats.stride(2), v.stride(0), v.stride(1), v.stride(2), hq, hq // hkv, nq, nk, fill_argument(spec),
+        FINITE_FILL=spec.mask_value != -math.inf, DV=dv, HEAD_DV=_head_dim(dv), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        num_warps=_warps(dv))
     return out, stats
 
 
