@@ -153,6 +153,21 @@ def test_masks_that_must_stay_tensors(name):
     assert site.operands["bias"]
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_bias_after_a_finite_causal_fill_is_left_alone(side):
+    """transformers 4's GPT-2 (and torch's own pattern 19): where(causal, s, finfo.min) + (1 - pad) * finfo.min.
+    Where both hide a key the sum is -inf, so a fully hidden row averages only the keys one of them hides:
+    no op formula gives that yet, so the site stays as it is, with the reason, and equals eager."""
+    def fn(q, k, v, pad):
+        i, j = _positions()
+        s = torch.where(j <= i, q @ k.mT * D ** -0.5, torch.finfo(q.dtype).min)
+        s = s + (1.0 - pad[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
+        return torch.softmax(s, -1) @ v
+
+    site = assert_equivalent(fn, *_qkv(), _padding(side), expected_sites=0, options=FAST)[0]
+    assert site.attention and not site.rewritten and "after a finite mask fill" in site.reason, site.describe()
+
+
 def test_sliding_window_generation_with_left_padding_matches_eager():
     """Greedy generation of a left-padded batch under backend="flashfuse" gives eager's tokens (sliding window)."""
     model, _ = models.build("mistral")

@@ -140,7 +140,9 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
         if t is None or not t.is_floating_point():
             raise Refuse("scores added to a non-float value")
         if plan.masks and math.isfinite(plan.spec.mask_value):
-            raise Refuse("a bias added after a finite mask fill")
+            raise Refuse("a bias added after a finite mask fill (where(causal, s, finfo.min) + padding): where both "
+                         "hide a key the sum can overflow to -inf, so a fully hidden row averages only part of the "
+                         "keys, which the op's order (bias, then mask) does not give")
         plan.bias.append((other, sign, shape_of(prev)))
         return
     if kind in ("masked_fill", "where"):
