@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+import flashfuse  # noqa: E402
 from flashfuse.kernels import flash  # noqa: E402
 from flashfuse.kernels.reference import oracle, oracle_gradients  # noqa: E402
 from flashfuse.kernels.spec import AttentionSpec  # noqa: E402
@@ -138,6 +139,40 @@ SANITIZE = [(name, dict(kw, dtype=torch.float32)) for name, kw in [
 
 # -- timing ------------------------------------------------------------------------------------------------------
 
+EDGES = [  # (name, B, Hq, Nq, Nk, D): nothing to compute, or a head dim no kernel tile holds
+    ("edge empty batch", 0, 4, 64, 64, 64), ("edge no heads", 2, 0, 64, 64, 64),
+    ("edge no queries", 2, 4, 0, 64, 64), ("edge no keys", 2, 4, 64, 0, 64), ("edge decode no keys", 2, 4, 1, 0, 64),
+    ("edge d512 causal bf16", 1, 2, 300, 300, 512),
+]
+
+
+def check_edge(name, b, hq, nq, nk, d, device=DEV):
+    """flashfuse.attention end to end (autograd) at an edge: eager's shapes and zeros when there is nothing to
+    compute; the oracle's answer at a head dim the kernels cannot hold (decided before launch, never raised)."""
+    dtype = torch.bfloat16
+    q = torch.randn(b, hq, nq, d, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(b, hq, nk, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    try:
+        out = flashfuse.attention(q, k, v, causal=nq == nk)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    except Exception as e:  # an edge must never raise
+        print(f"BAD {name:<34} raised {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
+        return False
+    if min(b, hq, nq, nk) == 0:
+        ok = out.shape == (b, hq, nq, d) and not out.any() and all(
+            g.shape == t.shape and not g.any() for g, t in zip(grads, (q, k, v)))
+        print(f"{'ok ' if ok else 'BAD'} {name:<34} shapes and zeros as eager", flush=True)
+        return ok
+    spec = AttentionSpec(scale=d ** -0.5, causal=nq == nk)
+    ref_out, _, *ref_grads = oracle_gradients(dout, q, k, v, spec)
+    errs = {"out": relative_error(out, ref_out), **{n: relative_error(g, w) for n, g, w in
+                                                      zip(("dq", "dk", "dv"), grads, ref_grads)}}
+    ok = errs["out"] < FORWARD[dtype] and all(e < GRADIENT[dtype] for n, e in errs.items() if n != "out")
+    print(f"{'ok ' if ok else 'BAD'} {name:<34} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+    return ok
+
+
 def _time(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
@@ -212,7 +247,10 @@ def main():
     for name, kw in cases:
         if OPTS.only in name:
             bad += not check(name, **kw)
-    print(f"correctness: {len(cases) - bad}/{len(cases)} ok", flush=True)
+    edges = [] if OPTS.bench_only or OPTS.sanitize else [e for e in EDGES if OPTS.only in e[0]]
+    for edge in edges:
+        bad += not check_edge(*edge)
+    print(f"correctness: {len(cases) + len(edges) - bad}/{len(cases) + len(edges)} ok", flush=True)
     if OPTS.sanitize or OPTS.no_bench:
         return bad
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -62,6 +62,19 @@ def test_bad_arguments_name_themselves(kwargs, argument):
         flashfuse.attention(*qkv(), **kwargs)
 
 
+@pytest.mark.parametrize("b,h,nq,nk", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0), (2, 2, 1, 0)])
+def test_nothing_to_compute_gives_eager_results(b, h, nq, nk):
+    """No batch, no heads (q's and k's alike), no queries or no keys: the public op answers as eager does (its
+    shapes, zeros, zero gradients) instead of raising."""
+    q = torch.randn(b, h, nq, 16, requires_grad=True)
+    k, v = torch.randn(b, h, nk, 16, requires_grad=True), torch.randn(b, h, nk, 8, requires_grad=True)
+    out = flashfuse.attention(q, k, v, causal=nq == nk)
+    eager = torch.softmax(q @ k.mT * 0.25, -1).nan_to_num() @ v  # eager's own answer where nk == 0 is 0
+    assert out.shape == eager.shape and not out.any()
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, (q, k, v)))
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="compiler"):
         backend.split_options({"compiler": "tvm"})

@@ -112,7 +112,7 @@ def _validate_qkv(q, k, v):
         raise ValueError(f"k must have q's head dim {d} as its last dim, got shape {tuple(k.shape)}")
     if tuple(v.shape[:3]) != (b, hkv, nk):
         raise ValueError(f"v must have shape ({b}, {hkv}, {nk}, Dv) to match k, got {tuple(v.shape)}")
-    if hkv == 0 or hq % hkv != 0:
+    if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):  # no heads at all: nothing to compute
         raise ValueError(f"q's head count {hq} must be a multiple of k's head count {hkv} (grouped-query attention)")
 
 
