@@ -3,7 +3,9 @@
 # Usage: bash bench/gpu_fuzz.sh [log dir] [processes] [seconds] [first seed]
 # Runs `processes` copies of scripts/fuzz_long.py side by side (seeds first, first + 10000, ...) for `seconds`
 # each (most of it goes to compiling the Triton kernels for each new shape; a second run on the same
-# machine finds more of them in Triton's cache), then prints the merged summary (python scripts/fuzz_long.py --merge) to summary.md in the log dir.
+# machine finds more of them in Triton's cache), then prints the merged summary (python scripts/fuzz_long.py --merge) to summary.md in the log dir,
+# and packs the per-process JSON summaries (what a later --merge reads) into summaries.tgz beside it: two files to
+# copy off a machine that returns only a few.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${1:-/tmp/flashfuse-fuzz}
@@ -18,5 +20,6 @@ for i in $(seq 0 $((procs - 1))); do
 done
 wait
 python scripts/fuzz_long.py --merge "$log"/cuda-*.json > "$log/summary.md"
+tar czf "$log/summaries.tgz" -C "$log" $(cd "$log" && ls cuda-*.json)
 cat "$log/summary.md" | head -8
 grep -h -A30 FAILURE "$log"/cuda-*.log | head -150 || true
