@@ -231,9 +231,13 @@ def check_export(device="cpu"):
         sites = sum(s.rewritten for s in program.flashfuse_sites)
         ops_in_graph = sum("flashfuse" in str(n.target) for n in program.graph.nodes if n.op == "call_function")
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder:  # stages named as they start: a crash says where it was
+            print(f"export {device}: {sites} sites rewritten; building the AOTInductor package", flush=True)
             path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(folder, "m.pt2"))
-            got = models.first_output(torch._inductor.aoti_load_package(path)(**inputs))
+            print(f"export {device}: built; loading it", flush=True)
+            runner = torch._inductor.aoti_load_package(path)
+            print(f"export {device}: loaded; running it", flush=True)
+            got = models.first_output(runner(**inputs))
     err = relative_error(got, expected)
     ok = sites == ops_in_graph == 2 and err < 1e-4
     print(f"{'ok' if ok else 'FAIL'} export {device}: {sites} sites rewritten, {ops_in_graph} flashfuse::fwd in the "
