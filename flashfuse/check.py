@@ -46,8 +46,25 @@ def load_config(model, full=False):
         for name, value in TINY.items():
             if name in config.to_dict() or name in getattr(config, "attribute_map", {}):
                 setattr(config, name, value)
+        _special_tokens_in_vocab(config)
     config._attn_implementation = "eager"
     return config
+
+
+def _special_tokens_in_vocab(config):
+    """Special token ids the tiny vocabulary no longer holds (phi3's pad id is 32000) become 0, 1, 2 (the ids
+    `build` never draws), as an embedding's padding_idx must lie inside it."""
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int):
+        return
+    for index, name in enumerate(("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id",
+                                  "sep_token_id", "cls_token_id", "mask_token_id", "unk_token_id")):
+        value = getattr(config, name, None)
+        small = min(index, 2)
+        if isinstance(value, int) and value >= vocab:
+            setattr(config, name, small)
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, int) and v >= vocab for v in value):
+            setattr(config, name, [v if v < vocab else small for v in value])
 
 
 def build(config, batch=2, seq=16, padded=False, seed=0):

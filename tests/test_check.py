@@ -25,3 +25,13 @@ def test_check_reads_a_config_folder(tmp_path, capsys):
 def test_check_names_a_bad_model(capsys):
     assert main(["no-such-model"]) == 2
     assert "MODEL must be a transformers model type" in capsys.readouterr().err
+
+
+def test_special_token_ids_outside_the_tiny_vocabulary():
+    """phi3's config pads with id 32000; the tiny model's 128 tokens must still hold every special id."""
+    from flashfuse.check import build, load_config
+    config = load_config("phi3")
+    ids = [getattr(config, n, None) for n in ("pad_token_id", "bos_token_id", "eos_token_id")]
+    assert all(i is None or i < config.vocab_size for i in ids), ids
+    model, inputs = build(config)
+    assert model(**inputs).last_hidden_state.shape[:2] == inputs["input_ids"].shape
