@@ -110,6 +110,15 @@ def check_case(config, padded, log):
             "gradients_ok": grad_err < GRADIENT[torch.float32]}
 
 
+def _summary(result):
+    case = "padded" if result["padding"] else "unpadded"
+    if not result["sites"]:
+        return (f"{case}: no attention site found (no softmax between a q.kT product and a p.v product; the report "
+                f"lists the softmaxes and why each is not attention), output error {result['output_error']:.1e}")
+    return (f"{case} {result['rewritten']} of {result['sites']} attention sites rewritten, output error "
+            f"{result['output_error']:.1e}, gradient error {result['gradient_error']:.1e}")
+
+
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m flashfuse check", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a transformers model type, a config.json, or a folder holding one")
@@ -125,15 +134,18 @@ def main(argv):
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        build(config)
+    except Exception as exc:  # transformers' own failure to build the model: not a flashfuse result
+        print(f"error: transformers cannot build a {config.model_type} model from its config: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     results = []
     for padded in (False, True):
         log(f"{config.model_type}, {'with' if padded else 'without'} a left-padded attention_mask")
         results.append(check_case(config, padded, log))
     ok = all(r["sites"] and not r["left_alone"] and r["outputs_ok"] and r["gradients_ok"] for r in results)
-    verdict = (f"{'OK' if ok else 'FAILED'}: {config.model_type}: "
-               + "; ".join(f"{'padded' if r['padding'] else 'unpadded'} {r['rewritten']} of {r['sites']} attention "
-                           f"sites rewritten, output error {r['output_error']:.1e}, gradient error "
-                           f"{r['gradient_error']:.1e}" for r in results))
+    verdict = f"{'OK' if ok else 'FAILED'}: {config.model_type}: " + "; ".join(_summary(r) for r in results)
     if args.json:
         print(json.dumps({"model": config.model_type, "ok": ok, "verdict": verdict, "cases": results}, indent=1))
     else:

@@ -35,3 +35,13 @@ def test_special_token_ids_outside_the_tiny_vocabulary():
     assert all(i is None or i < config.vocab_size for i in ids), ids
     model, inputs = build(config)
     assert model(**inputs).last_hidden_state.shape[:2] == inputs["input_ids"].shape
+
+
+def test_a_model_transformers_cannot_build_is_named(monkeypatch, capsys):
+    import flashfuse.check as check
+
+    def fail(config, **kwargs):
+        raise TypeError("'NoneType' object is not iterable")
+    monkeypatch.setattr(check, "build", fail)
+    assert main(["gpt2"]) == 2
+    assert "transformers cannot build a gpt2 model from its config: TypeError" in capsys.readouterr().err
