@@ -281,6 +281,24 @@ def test_empty_rows_average_with_key_padding(impl, causal, window, nq, fill_adds
         assert hidden[1].any() == (window != (-1, -1))  # right padding hides a whole window only
 
 
+@pytest.mark.parametrize("window,nq,dtype", [((-1, -1), 40, torch.float32), ((6, -1), 40, torch.float32),
+                                            ((-1, -1), 3, torch.float32), ((-1, -1), 40, torch.bfloat16)])
+def test_added_fill_under_structure_softmaxes_the_visible_keys(impl, window, nq, dtype):
+    """fill_adds with empty_rows="nan", eager's where(causal, s, fill) + where(causal & keep, 0, fill): a query
+    whose visible keys are all padded takes the uniform softmax over those keys (the others overflow to -inf), and
+    its gradient reaches q and k through the scores the fill swallowed."""
+    nk = 40
+    keys = torch.ones(2, 1, 1, nk, dtype=torch.bool)
+    keys[0, ..., :9] = False  # left padding: queries 0..8 see only padded keys under causal
+    keys[1, ..., 31:] = False
+    fill = torch.finfo(dtype).min
+    out, stats, (dq, dk, dv, _) = check(impl, nq=nq, nk=nk, causal=True, window=window, mask=keys, mask_value=fill,
+                                        empty_rows="nan", fill_adds=True, hkv=1, dtype=dtype)
+    if nq == nk:
+        assert torch.isfinite(out[0, :, :9]).all() and (stats[0, 0, :, :9] == fill).all()
+        assert (dq[0, :, 1:9] != 0).any(), "a hidden row's gradient reaches q"
+
+
 @pytest.mark.parametrize("dtype,hq,hkv,d,dv,layout", [
     (torch.float32, 4, 2, 16, 24, "bhnd"), (torch.float32, 2, 1, 80, 96, "bnhd"),
     (torch.bfloat16, 3, 3, 64, 64, "slice")])

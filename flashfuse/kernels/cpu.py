@@ -176,7 +176,7 @@ def _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse
         else:
             dv[:, :, start:end] += torch.matmul(p.transpose(-1, -2), do)
         ds = p * (dp - delta)  # gradient w.r.t. the post-bias scores
-        if mask is not None:  # a filled score is a constant: nothing flows back through it
+        if mask is not None and not spec.fill_adds:  # a filled score is a constant, unless the fill was added
             ds = ds.masked_fill(~(mask if mask.shape[-1] == 1 else mask[..., start:end]), 0.0)
         if bias_grad:
             if bias.shape[-1] == 1:

@@ -76,7 +76,7 @@ def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Stats, n_stats, Delta, sqm, sdm,
             dv = _dot(pt.to(do.dtype), do, dv, PRECISION)
         # -- dS = P * (dP - delta): the gradient of the post-bias scores ----
         dst = pt * (dpt - delta[None, :])
-        if HAS_MASK:
+        if HAS_MASK == 1 or HAS_MASK == 2:  # a filled score is a constant (3: the fill was added; see spec.py)
             dst = tl.where(keep, dst, 0.0)
         if BIAS_GRAD:
             if DB_Q1 and DB_K1:

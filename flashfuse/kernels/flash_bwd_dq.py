@@ -39,7 +39,7 @@ def _dq_inner(dq, q, do, row_max, log_sum, delta, i, row, lo, hi, K, V, skn, svn
             kept = _dropout_keep(seed, row, start, n_keys, DROPOUT_P, BLOCK_N)
             dp = tl.where(kept, dp * (1.0 / (1.0 - DROPOUT_P)), 0.0)
         ds = p * (dp - delta[:, None])
-        if HAS_MASK:
+        if HAS_MASK == 1 or HAS_MASK == 2:  # a filled score is a constant (3: the fill was added; see spec.py)
             ds = tl.where(keep, ds, 0.0)
         if SOFTCAP != 0.0:
             ds = ds * (1.0 - t * t)

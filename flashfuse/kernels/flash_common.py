@@ -7,7 +7,8 @@ so bias, mask, softcap, causal/window and dropout follow one rule everywhere.
 
 The spec reaches the kernels as constexprs (`constexprs`): SCALE, SOFTCAP, LEFT, RIGHT (the key bounds of
 spec.key_bounds, -1 unbounded), DROPOUT_P, HAS_BIAS, HAS_MASK (0: none; 1: hidden scores take the runtime
-`mask_value`; 2: they take -inf, a float that AOTInductor's generated code cannot spell: it prints `inf`), RAW
+`mask_value`; 2: they take -inf, a float that AOTInductor's generated code cannot spell: it prints `inf`; 3: they
+take `mask_value` and keep their gradient, spec.fill_adds), RAW
 (scores are just SCALE * q.k: no softcap, bias or mask, SCALE > 0, so the kernels keep raw q.k and fold
 SCALE * LOG2E into exp2), PRECISION for the dots, and MASK_KEYS: the mask has no query dim (key padding), so a
 tile reads one row of it, not a row per query.
@@ -185,7 +186,7 @@ def constexprs(spec, bias, mask, dtype):
     left, right = spec.key_bounds()
     raw = bias is None and mask is None and not spec.softcap and spec.scale > 0
     return dict(SCALE=spec.scale, SOFTCAP=spec.softcap, LEFT=left, RIGHT=right, DROPOUT_P=spec.dropout_p,
-                HAS_BIAS=bias is not None, HAS_MASK=0 if mask is None else 2 if spec.mask_value == -math.inf else 1,
+                HAS_BIAS=bias is not None, HAS_MASK=0 if mask is None else 2 if spec.mask_value == -math.inf else 3 if spec.fill_adds else 1,
                 RAW=raw, PRECISION=precision(dtype),
                 MASK_KEYS=mask is not None and mask.shape[2] == 1)
 

@@ -83,6 +83,10 @@ def oracle(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, bias: Optional[
     q, k, v = q.double(), k.double(), v.double()
     bias = None if bias is None else bias.double()
     s = scores(q, k, spec, bias, mask, dtype=torch.float64)
+    if spec.fill_adds and mask is not None:  # s + fill: the fill's value, with the score's gradient
+        raw = scores(q, k, spec, bias, dtype=torch.float64)
+        filled = (s == spec.mask_value) & torch.isfinite(raw)
+        s = torch.where(filled, raw - raw.detach() + spec.mask_value, s)
     dead = torch.isneginf(s).all(-1, keepdim=True)
     if spec.empty_rows == "average":
         dead = ((s == spec.mask_value) | torch.isneginf(s)).all(-1, keepdim=True)

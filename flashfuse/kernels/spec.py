@@ -14,8 +14,11 @@ head h // (Hq / Hkv)), the op computes
 A query that sees no key (every s is -inf, or the mask's finite fill) follows `empty_rows`: "nan" gives the
 formula's answer (NaN when every s is -inf), "zero" gives 0 (SDPA's rule), "average" gives the mean of v over
 all Nk keys (eager's answer when one finite fill hides the whole row; hidden_rows.py), without dropout. With
-fill_adds (the fill was added to the scores, as `s + where(keep, 0, finfo.min)` does) such a row's gradient
-also flows into q and k as eager's autograd gives it: through scores the fill swallowed.
+fill_adds (the fill was added to the scores, as `s + where(keep, 0, finfo.min)` does) a filled score passes its
+gradient on to q and k as eager's autograd gives it: through the score the fill swallowed. That matters only
+in a row every key of which is filled: its softmax is uniform, over all Nk keys with "average", over the keys
+the structure shows with "nan" (eager's answer when the structure's own fill meets the added one and the sum
+overflows to -inf: `where(causal, s, finfo.min) + where(causal & keep, 0, finfo.min)`).
 
 What the tensors already say stays out of the spec: sizes, the GQA group Hq / Hkv, dtypes (dynamic shapes make sizes
 symbolic; the output takes q's dtype), and whether a bias or mask is given. A key-padding mask is a mask of
@@ -74,8 +77,9 @@ class AttentionSpec:
             raise ValueError(f"empty_rows must be one of {EMPTY_ROWS}, got {self.empty_rows!r}")
         if not isinstance(self.fill_adds, bool):
             raise ValueError(f"fill_adds must be a bool, got {type(self.fill_adds).__name__}")
-        if self.fill_adds and (self.empty_rows != "average" or self.softcap):
-            raise ValueError("fill_adds needs empty_rows='average' and no softcap (hidden_rows.py says why)")
+        if self.fill_adds and (self.empty_rows == "zero" or self.softcap or not math.isfinite(self.mask_value)):
+            raise ValueError("fill_adds needs a finite mask_value, empty_rows 'average' or 'nan', and no softcap "
+                             "(hidden_rows.py says why)")
         for name in ("scale", "softcap", "dropout_p", "mask_value"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
