@@ -65,8 +65,9 @@ FAST = {"compiler": "eager"}
 
 
 def _qkv():
+    """q, k, v leaves: assert_equivalent compares the gradients of the inputs that require them."""
     gen = torch.Generator().manual_seed(0)
-    return [torch.randn(B, H, N, D, generator=gen) for _ in range(3)]
+    return [torch.randn(B, H, N, D, generator=gen).requires_grad_() for _ in range(3)]
 
 
 def _padding(side="left"):
@@ -153,11 +154,40 @@ def test_masks_that_must_stay_tensors(name):
     assert site.operands["bias"]
 
 
+@pytest.mark.parametrize("padded", ["left", "right", None])
+def test_structured_padding_bias_after_a_finite_causal_fill(padded):
+    """GPT-Neo's spelling: where(causal, s, finfo.min) + where(causal & keep, 0, finfo.min). A key the causal fill
+    hides gets two fills (-inf), so the site is causal plus key padding whose fill was added, and a query that sees
+    only padded keys is the uniform softmax over them: outputs and gradients equal eager's."""
+    def fn(q, k, v, pad):
+        i, j = _positions()
+        keep = (j <= i) & pad[:, None, None, :] if padded else (j <= i)
+        s = torch.where(j <= i, q @ k.mT * D ** -0.5, torch.finfo(q.dtype).min)
+        return torch.softmax(s + _additive(keep), -1) @ v
+
+    site = _site(fn, _padding(padded or "left"))
+    assert site.spec.causal and site.spec.empty_rows == "nan", site.describe()
+    assert site.spec.fill_adds == bool(padded) and (site.operands["mask_note"] == "key_padding") == bool(padded)
+
+
+def test_padding_bias_after_a_finite_fill_with_other_structure_is_left_alone():
+    """A sliding-window fill, then a causal (not windowed) padding bias: keys the window hides but the causal bias
+    keeps stay at the fill, so a query that sees only padded keys would weigh them; left alone, with the reason."""
+    def fn(q, k, v, pad):
+        i, j = _positions()
+        s = torch.where((j <= i) & (j > i - 3), q @ k.mT * D ** -0.5, torch.finfo(q.dtype).min)
+        return torch.softmax(s + _additive((j <= i) & pad[:, None, None, :]), -1) @ v
+
+    site = assert_equivalent(fn, *_qkv(), _padding(), expected_sites=0, options=FAST)[0]
+    assert not site.rewritten and "is not the fill's" in site.reason, site.describe()
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_bias_after_a_finite_causal_fill_is_left_alone(side):
-    """transformers 4's GPT-2 (and torch's own pattern 19): where(causal, s, finfo.min) + (1 - pad) * finfo.min.
-    Where both hide a key the sum is -inf, so a fully hidden row averages only the keys one of them hides:
-    no op formula gives that yet, so the site stays as it is, with the reason, and equals eager."""
+    """transformers 4's GPT-2 (and torch's own pattern 19): where(causal, s, finfo.min) + (1 - pad) * finfo.min,
+    a padding bias made by arithmetic on float data (no where(keep, 0, fill) proves its values): a key both hide
+    is -inf, one that only the padding hides is the fill, and no op formula gives a fully padded row's average
+    over those; the site stays as it is, with the reason, and equals eager."""
     def fn(q, k, v, pad):
         i, j = _positions()
         s = torch.where(j <= i, q @ k.mT * D ** -0.5, torch.finfo(q.dtype).min)

@@ -185,9 +185,9 @@ def constexprs(spec, bias, mask, dtype):
     """The spec as the kernels' constexprs (the names the kernels' signatures share)."""
     left, right = spec.key_bounds()
     raw = bias is None and mask is None and not spec.softcap and spec.scale > 0
+    has_mask = 0 if mask is None else 2 if spec.mask_value == -math.inf else 3 if spec.fill_adds else 1
     return dict(SCALE=spec.scale, SOFTCAP=spec.softcap, LEFT=left, RIGHT=right, DROPOUT_P=spec.dropout_p,
-                HAS_BIAS=bias is not None, HAS_MASK=0 if mask is None else 2 if spec.mask_value == -math.inf else 3 if spec.fill_adds else 1,
-                RAW=raw, PRECISION=precision(dtype),
+                HAS_BIAS=bias is not None, HAS_MASK=has_mask, RAW=raw, PRECISION=precision(dtype),
                 MASK_KEYS=mask is not None and mask.shape[2] == 1)
 
 

@@ -14,6 +14,7 @@ from flashfuse.patterns.plan import Plan, Refuse, constant, keeps_last_two, runt
 from flashfuse.patterns.products import score_product
 
 LARGE_NEGATIVE = -1e4  # a fill at or below this hides a key: exp(fill - max) underflows to 0 in fp32
+STACKED = "a bias added after a finite mask fill"  # the start of every reason for refusing one
 
 
 def rounded(value, node):
@@ -82,6 +83,8 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
     """Fold one chain op (whose chain input is `prev`) into the plan."""
     op = classify(node)
     kind, args = op.kind, op.args
+    if plan.stacked is not None and kind not in ("cast", "view"):
+        raise Refuse(f"{STACKED}, then {node.name}: only the softmax may follow it")
     if state.get("tanh") and kind != "mul":
         raise Refuse("tanh on the scores is not followed by a multiply (not a softcap)")
     if kind in ("cast", "view"):
@@ -139,11 +142,9 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
         t = tensor_of(other)
         if t is None or not t.is_floating_point():
             raise Refuse("scores added to a non-float value")
-        if plan.masks and math.isfinite(plan.spec.mask_value):
-            raise Refuse("a bias added after a finite mask fill (where(causal, s, finfo.min) + padding): where both "
-                         "hide a key the sum can overflow to -inf, so a fully hidden row averages only part of the "
-                         "keys, which the op's order (bias, then mask) does not give")
         plan.bias.append((other, sign, shape_of(prev)))
+        if plan.masks and math.isfinite(plan.spec.mask_value):
+            plan.stacked = plan.bias[-1]  # the op adds bias before it masks: match._take_stacked decides
         return
     if kind in ("masked_fill", "where"):
         if kind == "masked_fill":

@@ -11,7 +11,7 @@ import torch
 from torch.fx import Node
 
 from flashfuse.patterns import layout, ops, sinks
-from flashfuse.patterns.chain import chain_back, fold, obstacle, rounded
+from flashfuse.patterns.chain import STACKED, chain_back, fold, obstacle, rounded
 from flashfuse.patterns.ops import classify
 from flashfuse.patterns.plan import Operand, Plan, Refuse, constant, keeps_last_two, real_users, single_user, tensor_of
 from flashfuse.patterns.products import score_product, value_product
@@ -63,6 +63,9 @@ def match_softmax(softmax):
 def _take_structure(plan):
     """The site's one mask, if it is causal / window structure and key padding: flags plus a (B, 1, 1, Nk)
     key mask instead of an N x N tensor. Otherwise it stays a tensor and plan.mask_note says why."""
+    if plan.stacked is not None:
+        _take_stacked(plan)
+        return
     found = _the_mask(plan)
     if found is None:
         return
@@ -92,6 +95,40 @@ def _take_structure(plan):
         plan.update(mask_value=rounded(fill, plan.scores_node),
                     **({"empty_rows": "average", "fill_adds": adds} if average else {}))
         plan.mask_note = "key_padding"
+
+
+def _take_stacked(plan):
+    """where(structure, s, fill) + where(structure & keys, 0, fill2), as GPT-Neo writes it: a key the structure
+    hides gets fill + fill2 (-inf, or far enough below fill2 to weigh 0), so the structure is the op's, and the
+    keys term is key padding whose fill was added (fill_adds), with a query that sees only padded keys the
+    formula's uniform softmax over them (empty_rows "nan"). Anything else is refused: the op, which adds bias
+    before it masks, would give such a query another answer."""
+    term = plan.stacked
+    nq, nk = plan.scores_shape[-2:]
+    found = additive_mask(term[0], term[1])
+    if found is None or found[2] > HUGE_FILL:
+        raise Refuse(f"{STACKED} that is not where(keep, 0, fill) with a fill that swallows the scores")
+    if len(plan.masks) != 1 or plan.sink is not None or plan.spec.empty_rows != "nan" or plan.spec.softcap:
+        raise Refuse(f"{STACKED}, with a second mask, a sink, a softcap or a safe softmax")
+    if _needs_grad(term[0]) or any(_needs_grad(t[0]) for t in plan.bias if t is not term):
+        raise Refuse(f"{STACKED}: a fully hidden row's gradient would reach a learned bias")
+    node, keeps, _ = plan.masks[0]
+    structure, padded = decompose(node, keeps, nq, nk), decompose(found[0], found[1], nq, nk)
+    for parts in (structure, padded):
+        if isinstance(parts, str):
+            raise Refuse(f"{STACKED}: {parts}")
+    if structure.keys or structure.window != padded.window:
+        raise Refuse(f"{STACKED} whose own structure {padded.window} is not the fill's {structure.window}, or a "
+                     "fill with key terms: a query that sees only padded keys would weigh keys the op hides")
+    plan.bias.remove(term)
+    plan.masks = [(node, keep, term[2]) for node, keep in padded.keys]
+    left, right = padded.window
+    plan.update(causal=padded.causal, window=(left, -1 if padded.causal else right))
+    if padded.keys:
+        plan.update(mask_value=rounded(found[2], plan.scores_node), fill_adds=True)
+        plan.mask_note = "key_padding"
+    else:
+        plan.update(mask_value=float("-inf"))
 
 
 def _needs_grad(node):
