@@ -24,7 +24,8 @@ TINY = {"num_hidden_layers": 2, "num_layers": 2, "num_decoder_layers": 2, "encod
         "hidden_size": 64, "d_model": 64, "num_attention_heads": 4, "encoder_attention_heads": 4,
         "decoder_attention_heads": 4, "num_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16,
         "intermediate_size": 128, "d_ff": 128, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "n_inner": 128,
-        "vocab_size": 128, "max_position_embeddings": 128, "num_local_experts": 4, "num_experts_per_tok": 2}
+        "vocab_size": 128, "max_position_embeddings": 128, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "rotary_dim": 8}
 
 
 def load_config(model, full=False):
@@ -135,10 +136,21 @@ def main(argv):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        build(config)
+        model, inputs = build(config)
     except Exception as exc:  # transformers' own failure to build the model: not a flashfuse result
         print(f"error: transformers cannot build a {config.model_type} model from its config: "
               f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    if model.main_input_name != "input_ids":
+        print(f"error: check feeds token ids, and a {config.model_type} model reads {model.main_input_name}: run "
+              "flashfuse.explain(model, **your_inputs) and flashfuse.testing.assert_equivalent instead",
+              file=sys.stderr)
+        return 2
+    try:
+        _run(model, inputs)
+    except Exception as exc:  # the model fails without flashfuse: its tiny config, or transformers itself
+        print(f"error: the {config.model_type} model fails in eager mode, before flashfuse is involved"
+              f"{'' if args.full else ' (tiny sizes; try --full)'}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     results = []
     for padded in (False, True):

@@ -45,3 +45,18 @@ def test_a_model_transformers_cannot_build_is_named(monkeypatch, capsys):
     monkeypatch.setattr(check, "build", fail)
     assert main(["gpt2"]) == 2
     assert "transformers cannot build a gpt2 model from its config: TypeError" in capsys.readouterr().err
+
+
+def test_a_model_that_reads_pixels_is_named(capsys):
+    assert main(["dinov2"]) == 2
+    assert "a dinov2 model reads pixel_values" in capsys.readouterr().err
+
+
+def test_a_model_that_fails_in_eager_is_named(monkeypatch, capsys):
+    import flashfuse.check as check
+
+    def fail(model, inputs):
+        raise ValueError("no attention layer in the cache")
+    monkeypatch.setattr(check, "_run", fail)
+    assert main(["gpt2"]) == 2
+    assert "fails in eager mode, before flashfuse is involved (tiny sizes; try --full)" in capsys.readouterr().err
