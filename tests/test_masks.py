@@ -182,6 +182,45 @@ def test_padding_bias_after_a_finite_fill_with_other_structure_is_left_alone():
     assert not site.rewritten and "is not the fill's" in site.reason, site.describe()
 
 
+CLAMPS = {  # XGLM's torch.max(scores, finfo.min) and other spellings of a clamp from below
+    "max": lambda s: torch.max(s, torch.tensor(torch.finfo(s.dtype).min)),
+    "maximum": lambda s: torch.maximum(s, torch.tensor(torch.finfo(s.dtype).min)),
+    "clamp": lambda s: s.clamp(min=torch.finfo(s.dtype).min),
+    "clamp_min": lambda s: torch.clamp_min(s, torch.finfo(s.dtype).min),
+}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", CLAMPS)
+def test_scores_clamped_at_the_smallest_finite_number(name, padded):
+    """The clamp changes only -inf, and none reaches it after a finite additive mask: the site is what it would be
+    without it. But in a fully padded row every score ties with finfo.min, and torch.max / maximum give a tie half
+    its gradient: padded, those two spellings are left alone with the reason; clamp keeps the whole gradient."""
+    def fn(q, k, v, pad):
+        i, j = _positions()
+        keep = (j <= i) & pad[:, None, None, :] if padded else (j <= i)
+        return torch.softmax(CLAMPS[name](q @ k.mT * D ** -0.5 + _additive(keep)), -1) @ v
+
+    halves = padded and name in ("max", "maximum")
+    site = assert_equivalent(fn, *_qkv(), _padding(), expected_sites=0 if halves else 1, options=FAST)[0]
+    if halves:
+        assert "half their gradient" in site.reason, site.describe()
+    else:
+        assert site.spec.causal and site.operands["mask_note"] == ("key_padding" if padded else ""), site.describe()
+
+
+@pytest.mark.parametrize("clamp,fill,reason", [
+    (lambda s: s.clamp(min=-1e4), -1e9, "not at the smallest finite number"),
+    (lambda s: s.clamp(min=torch.finfo(s.dtype).min), float("-inf"), "after a -inf mask fill")])
+def test_clamps_that_change_the_scores_are_left_alone(clamp, fill, reason):
+    def fn(q, k, v, pad):
+        i, j = _positions()
+        return torch.softmax(clamp((q @ k.mT).masked_fill(j > i, fill)), -1) @ v
+
+    site = assert_equivalent(fn, *_qkv(), _padding(), expected_sites=0, options=FAST)[0]
+    assert reason in site.reason, site.describe()
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_bias_after_a_finite_causal_fill_is_left_alone(side):
     """transformers 4's GPT-2 (and torch's own pattern 19): where(causal, s, finfo.min) + (1 - pad) * finfo.min,

@@ -46,7 +46,7 @@ def chain_back(x, depth=0):
         return None
     candidates = {
         "mul": ("x", "y"), "div": ("x",), "add": ("x", "y"), "sub": ("x",), "masked_fill": ("x",),
-        "where": ("a", "b"), "cast": ("x",), "tanh": ("x",), "view": ("x",),
+        "where": ("a", "b"), "cast": ("x",), "tanh": ("x",), "view": ("x",), "clamp_min": ("x",),
     }.get(op.kind, ())
     if op.kind == "view" and not keeps_last_two(x):
         return None
@@ -66,7 +66,7 @@ def obstacle(x):
             return "the scores are not computed in this graph"
         op = classify(node)
         kind = op.kind if op is not None else None
-        if kind not in ("mul", "div", "add", "sub", "masked_fill", "where", "cast", "tanh", "view"):
+        if kind not in ("mul", "div", "add", "sub", "masked_fill", "where", "cast", "tanh", "view", "clamp_min"):
             name = getattr(node.target, "__name__", node.target) if node.op != "placeholder" else "a graph input"
             if name == "cat":
                 return (f"the scores are concatenated with another tensor ({node.name}): extra key columns, such as "
@@ -77,6 +77,22 @@ def obstacle(x):
             return f"the scores come from {node.name}"
         node = max(tensors, key=lambda a: tensor_of(a).dim())  # the scores, not a broadcast operand
     return "the chain before the softmax is too long"
+
+
+def _clamp_is_identity(node, args, plan):
+    """max(s, finfo.min), as XGLM writes it: the smallest finite number changes only -inf, so the clamp is no op
+    when no -inf can reach it: no mask fills with -inf, and every bias is a finite where(keep, 0, fill)."""
+    from flashfuse.patterns.structure import additive_mask  # structure.py builds on this module
+    c, t = constant(args["min"]), tensor_of(node)
+    if c is None or t is None or not t.is_floating_point() or rounded(c, node) != torch.finfo(t.dtype).min:
+        raise Refuse(f"scores clamped from below at {args['min']}, not at the smallest finite number")
+    if plan.masks and not math.isfinite(plan.spec.mask_value):
+        raise Refuse("scores clamped at finfo.min after a -inf mask fill (the clamp turns it finite)")
+    for term, coeff, _ in plan.bias:
+        found = additive_mask(term, coeff)
+        if found is None or not math.isfinite(found[2]):
+            raise Refuse("scores clamped at finfo.min after a bias that may hold -inf (the clamp would change it)")
+    plan.halved_ties = plan.halved_ties or bool(args["halves_ties"] and plan.bias)
 
 
 def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on the chain)
@@ -145,6 +161,9 @@ def fold(node, prev, plan, state):  # noqa: C901  (one branch per kind of op on 
         plan.bias.append((other, sign, shape_of(prev)))
         if plan.masks and math.isfinite(plan.spec.mask_value):
             plan.stacked = plan.bias[-1]  # the op adds bias before it masks: match._take_stacked decides
+        return
+    if kind == "clamp_min":
+        _clamp_is_identity(node, args, plan)
         return
     if kind in ("masked_fill", "where"):
         if kind == "masked_fill":

@@ -41,6 +41,9 @@ SAFE_SOFTMAX = _targets(_aten._safe_softmax, _aten._safe_softmax.default)  # SDP
 MASKED_FILL = _targets(torch.masked_fill, "masked_fill")
 WHERE = _targets(torch.where, "where")
 TANH = _targets(torch.tanh, F.tanh, "tanh")
+MAXIMUM = _targets(torch.maximum, "maximum")  # on ties, each side gets half the gradient
+CLAMP_MIN = _targets(torch.clamp_min, "clamp_min")  # on ties, x gets all of it
+CLAMP = _targets(torch.clamp, torch.clip, "clamp", "clip")
 DROPOUT = _targets(F.dropout, torch.dropout, "dropout")
 EINSUM = _targets(torch.einsum, torch.functional.einsum)
 SDPA = _targets(F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -185,6 +188,10 @@ def _classify(node, key):  # noqa: C901  (one table of spellings)
         return Op("where", {"cond": a[0], "a": _arg(node, 1, "input"), "b": _arg(node, 2, "other")})
     if key in TANH:
         return Op("tanh", {"x": a[0]})
+    if key in MAXIMUM or (key in ROW_MAX_WITH_INDEX and len(a) == 2 and isinstance(meta(a[1]), torch.Tensor)):
+        return Op("clamp_min", {"x": a[0], "min": _arg(node, 1, "other"), "halves_ties": True})  # torch.max(x, t)
+    if key in CLAMP_MIN or (key in CLAMP and _arg(node, 2, "max") is None and _arg(node, 1, "min") is not None):
+        return Op("clamp_min", {"x": a[0], "min": _arg(node, 1, "min"), "halves_ties": False})
     if key in DROPOUT:
         if key is torch.dropout:
             return Op("dropout", {"x": a[0], "p": _arg(node, 1, "p"), "training": _arg(node, 2, "train")})

@@ -42,6 +42,7 @@ class Plan:
     sink: Node = None  # an attention sink's logits (..., Nq, 1) in the scores' layout (sinks.py), or None
     mask_note: str = ""  # the mask as found, for reports: "key_padding", or "tensor: why no structure was proven"
     stacked: tuple = None  # a bias term added after a finite mask fill (chain.fold; match._take_stacked)
+    halved_ties: bool = False  # torch.max(scores, finfo.min) after a bias: tied scores get half their gradient
     bypass: list = field(default_factory=list)  # scalar mul/div nodes on q/k folded into `scale`
     chain: list = field(default_factory=list)  # nodes made dead by the rewrite
 
