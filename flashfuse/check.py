@@ -152,6 +152,7 @@ def main(argv):
         print(f"error: the {config.model_type} model fails in eager mode, before flashfuse is involved"
               f"{'' if args.full else ' (tiny sizes; try --full)'}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    del model, inputs  # each case builds its own (with --full, two models at once would double the memory)
     results = []
     for padded in (False, True):
         log(f"{config.model_type}, {'with' if padded else 'without'} a left-padded attention_mask")
