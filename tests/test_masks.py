@@ -209,6 +209,20 @@ def test_scores_clamped_at_the_smallest_finite_number(name, padded):
         assert site.spec.causal and site.operands["mask_note"] == ("key_padding" if padded else ""), site.describe()
 
 
+def test_max_after_an_additive_mask_that_stays_a_tensor_is_left_alone():
+    """The same tie when the mask is no structure (it stays the op's bias): a row it hides whole would get the
+    op's full gradient where eager's max gives half."""
+    hide_row = RANDOM_KEEP.clone()
+    hide_row[2] = False
+
+    def fn(q, k, v, pad):
+        s = q @ k.mT * D ** -0.5 + _additive(hide_row & pad[:, None, None, :])
+        return torch.softmax(torch.max(s, torch.tensor(torch.finfo(s.dtype).min)), -1) @ v
+
+    site = assert_equivalent(fn, *_qkv(), _padding(), expected_sites=0, options=FAST)[0]
+    assert "half their gradient" in site.reason, site.describe()
+
+
 @pytest.mark.parametrize("clamp,fill,reason", [
     (lambda s: s.clamp(min=-1e4), -1e9, "not at the smallest finite number"),
     (lambda s: s.clamp(min=torch.finfo(s.dtype).min), float("-inf"), "after a -inf mask fill")])

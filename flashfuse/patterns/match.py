@@ -53,9 +53,9 @@ def match_softmax(softmax):
     single_user(path[-1], "the scores")
     plan.chain = list(path) + sink_nodes
     _take_structure(plan)
-    if plan.halved_ties and plan.spec.fill_adds:
-        raise Refuse("torch.max(scores, finfo.min) after a padding bias: a fully padded row's scores all tie with "
-                     "finfo.min, and the max gives them half their gradient (use clamp(min=...) for all of it)")
+    if plan.halved_ties and (plan.spec.fill_adds or plan.bias):  # a bias the op adds passes all the gradient
+        raise Refuse("torch.max(scores, finfo.min) after an additive mask: a fully hidden row's scores all tie with "
+                     "finfo.min, and the max gives them half their gradient (clamp(min=...) keeps all of it)")
     if sink is not None and plan.spec.empty_rows == "nan":
         plan.update(empty_rows="zero")  # the sink takes all the weight of a query that sees no key: 0
     plan.output = _after_softmax(softmax, plan)
