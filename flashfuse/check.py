@@ -10,6 +10,7 @@ left-padded attention_mask: `explain` (which sites are rewritten, and why not), 
 verdict; the exit status is 1 when an attention site is left alone or a check fails.
 """
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ TINY = {"num_hidden_layers": 2, "num_layers": 2, "num_decoder_layers": 2, "encod
         "intermediate_size": 128, "d_ff": 128, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "n_inner": 128,
         "vocab_size": 128, "max_position_embeddings": 128, "num_local_experts": 4, "num_experts_per_tok": 2,
         "rotary_dim": 8}
+TINY_IMAGES = {"image_size": 32, "patch_size": 8}  # 16 patches; not for windowed models (Swin's windows need 224)
 
 
 def load_config(model, full=False):
@@ -45,7 +47,11 @@ def load_config(model, full=False):
                              f"or a folder holding one; got {model!r} ({exc})") from None
     if not full:
         for name, value in TINY.items():
-            if name in config.to_dict() or name in getattr(config, "attribute_map", {}):
+            known = name in config.to_dict() or name in getattr(config, "attribute_map", {})
+            if known and not isinstance(getattr(config, name, None), (list, tuple)):  # Swin: heads per stage
+                setattr(config, name, value)
+        if isinstance(getattr(config, "image_size", None), int) and not hasattr(config, "window_size"):
+            for name, value in TINY_IMAGES.items():
                 setattr(config, name, value)
         _special_tokens_in_vocab(config)
     config._attn_implementation = "eager"
@@ -69,15 +75,25 @@ def _special_tokens_in_vocab(config):
 
 
 def build(config, batch=2, seq=16, padded=False, seed=0):
-    """(model in eval mode, inputs): token ids (and decoder ids for encoder-decoders), a left-padded mask."""
+    """(model in eval mode, inputs): token ids (and decoder ids for encoder-decoders), a left-padded mask; images
+    of the config's size for a model that reads pixel_values (CLIP-like models get both)."""
     import transformers
     torch.manual_seed(seed)
     model = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
     gen = torch.Generator().manual_seed(seed)
     vocab = getattr(config, "vocab_size", 128)
-    inputs = {"input_ids": torch.randint(3, vocab, (batch, seq), generator=gen)}
-    if padded:
-        inputs["attention_mask"] = padding_mask(batch, seq)
+    reads = inspect.signature(model.forward).parameters
+    inputs = {}
+    if "pixel_values" in reads:
+        vision = getattr(config, "vision_config", config)
+        size = getattr(vision, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        inputs["pixel_values"] = torch.randn(batch, getattr(vision, "num_channels", 3), size, size, generator=gen)
+    if "input_ids" in reads and (model.main_input_name == "input_ids" or "pixel_values" not in inputs):
+        vocab = getattr(getattr(config, "text_config", config), "vocab_size", vocab)
+        inputs["input_ids"] = torch.randint(3, vocab, (batch, seq), generator=gen)
+        if padded:
+            inputs["attention_mask"] = padding_mask(batch, seq)
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = torch.randint(3, vocab, (batch, seq - 3), generator=gen)
     return model, inputs
@@ -141,11 +157,12 @@ def main(argv):
         print(f"error: transformers cannot build a {config.model_type} model from its config: "
               f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    if model.main_input_name != "input_ids":
-        print(f"error: check feeds token ids, and a {config.model_type} model reads {model.main_input_name}: run "
-              "flashfuse.explain(model, **your_inputs) and flashfuse.testing.assert_equivalent instead",
-              file=sys.stderr)
+    if model.main_input_name not in inputs:
+        print(f"error: check feeds token ids or images, and a {config.model_type} model reads "
+              f"{model.main_input_name}: run flashfuse.explain(model, **your_inputs) and "
+              "flashfuse.testing.assert_equivalent instead", file=sys.stderr)
         return 2
+    paddings = (False, True) if "input_ids" in inputs else (False,)  # images come unpadded
     try:
         _run(model, inputs)
     except Exception as exc:  # the model fails without flashfuse: its tiny config, or transformers itself
@@ -154,7 +171,7 @@ def main(argv):
         return 2
     del model, inputs  # each case builds its own (with --full, two models at once would double the memory)
     results = []
-    for padded in (False, True):
+    for padded in paddings:
         log(f"{config.model_type}, {'with' if padded else 'without'} a left-padded attention_mask")
         results.append(check_case(config, padded, log))
     ok = all(r["sites"] and not r["left_alone"] and r["outputs_ok"] and r["gradients_ok"] for r in results)

@@ -47,9 +47,21 @@ def test_a_model_transformers_cannot_build_is_named(monkeypatch, capsys):
     assert "transformers cannot build a gpt2 model from its config: TypeError" in capsys.readouterr().err
 
 
-def test_a_model_that_reads_pixels_is_named(capsys):
-    assert main(["dinov2"]) == 2
-    assert "a dinov2 model reads pixel_values" in capsys.readouterr().err
+def test_an_image_model_gets_images(capsys):
+    assert main(["dinov2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and len(report["cases"]) == 1 and report["cases"][0]["rewritten"] > 0
+
+
+def test_a_model_that_reads_audio_is_named(capsys):
+    assert main(["wav2vec2"]) == 2
+    assert "a wav2vec2 model reads input_values" in capsys.readouterr().err
+
+
+def test_per_stage_sizes_stay_lists():
+    """Swin's num_heads is one value per stage: the tiny sizes leave such fields alone."""
+    from flashfuse.check import load_config
+    assert isinstance(load_config("swin").num_heads, (list, tuple))
 
 
 def test_a_model_that_fails_in_eager_is_named(monkeypatch, capsys):
