@@ -91,12 +91,17 @@ def _take_structure(plan):
     layout = remove[2] if remove is not None else plan.masks[0][2]
     if remove is not None:
         plan.bias.remove(remove)
+    _as_structure(plan, parts, layout, fill, **({"empty_rows": "average", "fill_adds": adds} if average else {}))
+
+
+def _as_structure(plan, parts, layout, fill, **changes):
+    """Hand the op a decomposed mask: causal / window flags, and its key terms (if any) as the op's mask, filled
+    with `fill`, with the spec `changes` that come with them."""
     plan.masks = [(node, keep, layout) for node, keep in parts.keys]
     left, right = parts.window
     plan.update(causal=parts.causal, window=(left, -1 if parts.causal else right))
     if parts.keys:
-        plan.update(mask_value=rounded(fill, plan.scores_node),
-                    **({"empty_rows": "average", "fill_adds": adds} if average else {}))
+        plan.update(mask_value=rounded(fill, plan.scores_node), **changes)
         plan.mask_note = "key_padding"
 
 
@@ -124,14 +129,9 @@ def _take_stacked(plan):
         raise Refuse(f"{STACKED} whose own structure {padded.window} is not the fill's {structure.window}, or a "
                      "fill with key terms: a query that sees only padded keys would weigh keys the op hides")
     plan.bias.remove(term)
-    plan.masks = [(node, keep, term[2]) for node, keep in padded.keys]
-    left, right = padded.window
-    plan.update(causal=padded.causal, window=(left, -1 if padded.causal else right))
-    if padded.keys:
-        plan.update(mask_value=rounded(found[2], plan.scores_node), fill_adds=True)
-        plan.mask_note = "key_padding"
-    else:
-        plan.update(mask_value=float("-inf"))
+    _as_structure(plan, padded, term[2], found[2], fill_adds=True)
+    if not padded.keys:
+        plan.update(mask_value=float("-inf"))  # no mask left: the structure fill is the op's -inf
 
 
 def _needs_grad(node):
