@@ -3,7 +3,7 @@ CUDA graphs, torch.export and AOTInductor, each checked against eager or stock i
 (tests/test_integration.py runs these); `--device cuda` on a GPU.
 
     python scripts/integration.py train-loop [--device cuda] [--autocast]   # GPT-2, accumulation, checkpointing
-    python scripts/integration.py distributed --strategy ddp|fsdp2 [--device cuda] [--world 2]
+    python scripts/integration.py distributed --strategy ddp|fsdp2 [--device cuda] [--world 2] [--size gpt2]
     python scripts/integration.py caches [--device cuda]                    # a second process hits both caches
     python scripts/integration.py cudagraphs                                # CUDA only: reduce-overhead replays
     python scripts/integration.py export [--device cuda]                    # flashfuse.export + AOTInductor
@@ -11,7 +11,9 @@ CUDA graphs, torch.export and AOTInductor, each checked against eager or stock i
 
 Each prints one line per check ("ok ..." or "FAIL ...") and exits non-zero when any check fails. Distributed
 runs spawn `--world` processes (gloo on CPU, NCCL on CUDA, one GPU each) and compare each rank's losses and
-gradient shards under backend="flashfuse" with the same run under stock inductor.
+gradient shards under backend="flashfuse" with the same run under stock inductor; `--size gpt2` trains GPT-2
+124M's sizes (12 layers, 768 wide, batch 8 x 1024 a rank) instead of the tiny model and reports step time and
+peak memory.
 """
 import argparse
 import json
@@ -96,25 +98,35 @@ def _wrap(model, strategy, device):
     return fully_shard(model, mesh=mesh)
 
 
-def _distributed_run(strategy, backend, device, steps=3):
-    """(losses, gradients of the last step) of this rank under `strategy`, compiled with `backend`."""
+#: --size: (model sizes, batch, sequence length, steps); the first two steps compile, the rest are timed.
+SIZES = {"tiny": ({}, 4, 32, 3),
+         "gpt2": (dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257), 8, 1024, 8)}
+
+
+def _distributed_run(strategy, backend, device, size="tiny"):
+    """(losses, gradients of the last step, seconds of each step) of this rank under `strategy`, compiled with
+    `backend`."""
+    sizes, batch, seq, steps = SIZES[size]
     rank = torch.distributed.get_rank()
-    model = _wrap(models.gpt2_lm(device=device), strategy, device)
+    model = _wrap(models.gpt2_lm(device=device, **sizes), strategy, device)
     run = torch.compile(model, backend=backend)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3 if size == "tiny" else 3e-4)
+    inputs = _batch(0, device, batch=batch, seq=seq, rank=rank)  # one batch a rank: the loss falls as it is learned
+    losses, seconds = [], []
     for _ in range(steps):
+        start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = run(**_batch(0, device, rank=rank)).loss  # one batch a rank: the loss falls as it is learned
+        loss = run(**inputs).loss
         loss.backward()
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters()]
         grads = [g.detach().clone() for g in grads]
         optimizer.step()
-        losses.append(loss.item())
-    return torch.tensor(losses, dtype=torch.float64), grads
+        losses.append(loss.item())  # .item() waits for the GPU: the step is timed whole
+        seconds.append(time.perf_counter() - start)
+    return torch.tensor(losses, dtype=torch.float64), grads, seconds
 
 
-def _distributed_worker(rank, world, strategy, device, port, results):
+def _distributed_worker(rank, world, strategy, device, port, results, size="tiny"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     if device == "cuda":
         torch.cuda.set_device(rank)
@@ -126,8 +138,10 @@ def _distributed_worker(rank, world, strategy, device, port, results):
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             start, calls = time.perf_counter(), sum(op.CALLS.values())
-            losses, grads = _distributed_run(strategy, backend, device)
+            losses, grads, steps = _distributed_run(strategy, backend, device, size)
+            timed = sorted(steps[2:])
             report[backend] = dict(losses=losses, grads=grads, seconds=time.perf_counter() - start,
+                                   step_ms=1e3 * timed[len(timed) // 2] if timed else float("nan"),
                                    calls=sum(op.CALLS.values()) - calls,
                                    peak_mib=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0)
         loss_err = relative_error(report["flashfuse"]["losses"], report["inductor"]["losses"])
@@ -136,26 +150,30 @@ def _distributed_worker(rank, world, strategy, device, port, results):
             json.dump(dict(loss_err=loss_err, grad_err=grad_err, losses=report["flashfuse"]["losses"].tolist(),
                            calls=report["flashfuse"]["calls"],
                            seconds={k: v["seconds"] for k, v in report.items()},
+                           step_ms={k: v["step_ms"] for k, v in report.items()},
                            peak_mib={k: v["peak_mib"] for k, v in report.items()}), f)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def check_distributed(strategy, device="cpu", world=2):
+def check_distributed(strategy, device="cpu", world=2, size="tiny"):
     """Each rank's losses and last gradients under flashfuse equal stock inductor's."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as results:
         port = 29500 + os.getpid() % 1000
-        mp.spawn(_distributed_worker, args=(world, strategy, device, port, results), nprocs=world, join=True)
+        mp.spawn(_distributed_worker, args=(world, strategy, device, port, results, size), nprocs=world, join=True)
         ranks = [json.load(open(os.path.join(results, f"rank{r}.json"))) for r in range(world)]
     loss_err = max(r["loss_err"] for r in ranks)
     grad_err = max(r["grad_err"] for r in ranks)
     calls = min(r["calls"] for r in ranks)
     ok = calls > 0 and loss_err < LOSS_TOLERANCE[torch.float32] and grad_err < GRADIENT[torch.float32]
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in ranks[0]["seconds"].items())
+    if size != "tiny":
+        seconds += "; median step " + ", ".join(f"{k} {v:.1f} ms" for k, v in ranks[0]["step_ms"].items())
     memory = (", peak " + ", ".join(f"{k} {v:.0f} MiB" for k, v in ranks[0]["peak_mib"].items())
               if device == "cuda" else "")
-    print(f"{'ok' if ok else 'FAIL'} distributed {strategy} {device} x{world}: 3 steps, losses "
+    steps = SIZES[size][3]
+    print(f"{'ok' if ok else 'FAIL'} distributed {strategy} {device} x{world} {size}: {steps} steps, losses "
           f"{ranks[0]['losses'][0]:.4f} -> {ranks[0]['losses'][-1]:.4f}; flashfuse vs stock inductor: losses "
           f"{loss_err:.1e}, gradients {grad_err:.1e}; the op ran {calls}+ times a rank (rank 0: {seconds}{memory})",
           flush=True)
@@ -253,6 +271,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp2"])
     parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="distributed: the model trained")
     parser.add_argument("--autocast", action="store_true", help="train-loop in bf16 autocast")
     args = parser.parse_args(argv)
     if args.check == "_compile-once":
@@ -268,7 +287,7 @@ def main(argv=None):
         if args.device == "cuda" and torch.cuda.device_count() < world:
             print(f"skipped distributed: {torch.cuda.device_count()} GPU(s), --world {world} needs one each")
             strategies = []
-        checks += [lambda s=s: check_distributed(s, args.device, world) for s in strategies]
+        checks += [lambda s=s: check_distributed(s, args.device, world, args.size) for s in strategies]
     if args.check in ("caches", "all"):
         checks.append(lambda: check_caches(args.device))
     if args.check in ("cudagraphs", "all"):
