@@ -3,7 +3,7 @@ CUDA graphs, torch.export and AOTInductor, each checked against eager or stock i
 (tests/test_integration.py runs these); `--device cuda` on a GPU.
 
     python scripts/integration.py train-loop [--device cuda] [--autocast]   # GPT-2, accumulation, checkpointing
-    python scripts/integration.py distributed --strategy ddp|fsdp2 [--device cuda] [--world 2] [--size gpt2]
+    python scripts/integration.py distributed --strategy ddp|fsdp2 [--device cuda] [--world 2] [--size gpt2] [--autocast]
     python scripts/integration.py caches [--device cuda]                    # a second process hits both caches
     python scripts/integration.py cudagraphs                                # CUDA only: reduce-overhead replays
     python scripts/integration.py export [--device cuda]                    # flashfuse.export + AOTInductor
@@ -103,7 +103,7 @@ SIZES = {"tiny": ({}, 4, 32, 3),
          "gpt2": (dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257), 8, 1024, 8)}
 
 
-def _distributed_run(strategy, backend, device, size="tiny"):
+def _distributed_run(strategy, backend, device, size="tiny", autocast=False):
     """(losses, gradients of the last step, seconds of each step) of this rank under `strategy`, compiled with
     `backend`."""
     sizes, batch, seq, steps = SIZES[size]
@@ -116,7 +116,8 @@ def _distributed_run(strategy, backend, device, size="tiny"):
     for _ in range(steps):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = run(**inputs).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = run(**inputs).loss
         loss.backward()
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters()]
         grads = [g.detach().clone() for g in grads]
@@ -126,7 +127,7 @@ def _distributed_run(strategy, backend, device, size="tiny"):
     return torch.tensor(losses, dtype=torch.float64), grads, seconds
 
 
-def _distributed_worker(rank, world, strategy, device, port, results, size="tiny"):
+def _distributed_worker(rank, world, strategy, device, port, results, size="tiny", autocast=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     if device == "cuda":
         torch.cuda.set_device(rank)
@@ -138,7 +139,7 @@ def _distributed_worker(rank, world, strategy, device, port, results, size="tiny
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             start, calls = time.perf_counter(), sum(op.CALLS.values())
-            losses, grads, steps = _distributed_run(strategy, backend, device, size)
+            losses, grads, steps = _distributed_run(strategy, backend, device, size, autocast)
             timed = sorted(steps[2:])
             report[backend] = dict(losses=losses, grads=grads, seconds=time.perf_counter() - start,
                                    step_ms=1e3 * timed[len(timed) // 2] if timed else float("nan"),
@@ -156,24 +157,26 @@ def _distributed_worker(rank, world, strategy, device, port, results, size="tiny
         torch.distributed.destroy_process_group()
 
 
-def check_distributed(strategy, device="cpu", world=2, size="tiny"):
+def check_distributed(strategy, device="cpu", world=2, size="tiny", autocast=False):
     """Each rank's losses and last gradients under flashfuse equal stock inductor's."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as results:
         port = 29500 + os.getpid() % 1000
-        mp.spawn(_distributed_worker, args=(world, strategy, device, port, results, size), nprocs=world, join=True)
+        mp.spawn(_distributed_worker, args=(world, strategy, device, port, results, size, autocast),
+                 nprocs=world, join=True)
         ranks = [json.load(open(os.path.join(results, f"rank{r}.json"))) for r in range(world)]
     loss_err = max(r["loss_err"] for r in ranks)
     grad_err = max(r["grad_err"] for r in ranks)
     calls = min(r["calls"] for r in ranks)
-    ok = calls > 0 and loss_err < LOSS_TOLERANCE[torch.float32] and grad_err < GRADIENT[torch.float32]
+    dtype = torch.bfloat16 if autocast else torch.float32
+    ok = calls > 0 and loss_err < LOSS_TOLERANCE[dtype] and grad_err < GRADIENT[dtype]
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in ranks[0]["seconds"].items())
     if size != "tiny":
         seconds += "; median step " + ", ".join(f"{k} {v:.1f} ms" for k, v in ranks[0]["step_ms"].items())
     memory = (", peak " + ", ".join(f"{k} {v:.0f} MiB" for k, v in ranks[0]["peak_mib"].items())
               if device == "cuda" else "")
     steps = SIZES[size][3]
-    print(f"{'ok' if ok else 'FAIL'} distributed {strategy} {device} x{world} {size}: {steps} steps, losses "
+    print(f"{'ok' if ok else 'FAIL'} distributed {strategy} {device} x{world} {size}{' bf16 autocast' if autocast else ''}: {steps} steps, losses "
           f"{ranks[0]['losses'][0]:.4f} -> {ranks[0]['losses'][-1]:.4f}; flashfuse vs stock inductor: losses "
           f"{loss_err:.1e}, gradients {grad_err:.1e}; the op ran {calls}+ times a rank (rank 0: {seconds}{memory})",
           flush=True)
@@ -272,7 +275,7 @@ def main(argv=None):
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp2"])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="distributed: the model trained")
-    parser.add_argument("--autocast", action="store_true", help="train-loop in bf16 autocast")
+    parser.add_argument("--autocast", action="store_true", help="train-loop and distributed in bf16 autocast")
     args = parser.parse_args(argv)
     if args.check == "_compile-once":
         return _compile_once(args.device)
@@ -287,7 +290,7 @@ def main(argv=None):
         if args.device == "cuda" and torch.cuda.device_count() < world:
             print(f"skipped distributed: {torch.cuda.device_count()} GPU(s), --world {world} needs one each")
             strategies = []
-        checks += [lambda s=s: check_distributed(s, args.device, world, args.size) for s in strategies]
+        checks += [lambda s=s: check_distributed(s, args.device, world, args.size, args.autocast) for s in strategies]
     if args.check in ("caches", "all"):
         checks.append(lambda: check_caches(args.device))
     if args.check in ("cudagraphs", "all"):
