@@ -26,9 +26,11 @@ import timing  # noqa: E402
 
 import flashfuse  # noqa: E402
 
-# name: (B, Hq, Hkv, Nq, Nk, D, causal)
+# name: (B, Hq, Hkv, Nq, Nk, D, causal[, dropout_p])
 SHAPES = {
     "gpt2 8x12x1024 d64 c": (8, 12, 12, 1024, 1024, 64, True),
+    "gpt2 8x12x1024 d64 c dropout 0.1": (8, 12, 12, 1024, 1024, 64, True, 0.1),
+    "4x16x2048 d128 nc dropout 0.1": (4, 16, 16, 2048, 2048, 128, False, 0.1),
     "16x16x1024 d64 c": (16, 16, 16, 1024, 1024, 64, True),
     "16x16x1024 d64 nc": (16, 16, 16, 1024, 1024, 64, False),
     "4x16x4096 d128 nc": (4, 16, 16, 4096, 4096, 128, False),
@@ -72,12 +74,12 @@ def load_old(commit_or_folder):
     return flashfuse_ab
 
 
-def measure(attention, b, hq, hkv, nq, nk, d, causal):
+def measure(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0):
     torch.manual_seed(0)
     q = torch.randn(b, hq, nq, d, device="cuda", dtype=torch.bfloat16, requires_grad=nq > 1)
     k = torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=nq > 1)
     v = torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=nq > 1)
-    fwd = lambda: attention(q, k, v, causal=causal)  # noqa: E731
+    fwd = lambda: attention(q, k, v, causal=causal, dropout_p=dropout_p)  # noqa: E731
     with torch.no_grad():
         result = {"fwd": timing.wall_ms(fwd)[1], "fwd_gpu": timing.gpu_ms(fwd), "fwd_host": timing.host_ms(fwd)}
     if nq > 1:
@@ -89,17 +91,17 @@ def measure(attention, b, hq, hkv, nq, nk, d, causal):
     return result
 
 
-def kernel_times(attention, b, hq, hkv, nq, nk, d, causal, calls=5):
+def kernel_times(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, calls=5):
     """{kernel name: GPU us per forward + backward call}."""
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
-    out = attention(q, k, v, causal=causal)
+    out = attention(q, k, v, causal=causal, dropout_p=dropout_p)
     dout = torch.randn_like(out)
     torch.autograd.grad(out, (q, k, v), dout)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            torch.autograd.grad(attention(q, k, v, causal=causal), (q, k, v), dout)
+            torch.autograd.grad(attention(q, k, v, causal=causal, dropout_p=dropout_p), (q, k, v), dout)
         torch.cuda.synchronize()
     return {e.key[:40]: e.self_device_time_total / calls for e in prof.key_averages() if e.self_device_time_total > 0}
 

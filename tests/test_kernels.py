@@ -225,6 +225,8 @@ def test_dropout_stream():
     assert (lanes - 0.7).abs().max().item() < 0.04, lanes
     both = (keep[..., 1:] & keep[..., :-1]).float().mean().item()
     assert abs(both - 0.49) < 0.02, both
+    rows = (keep[..., 1:, :] & keep[..., :-1, :]).float().mean().item()  # neighbouring queries: counters a row apart
+    assert abs(rows - 0.49) < 0.02, rows
 
 
 # -- decode (split keys) ----------------------------------------------------------------------------------------
