@@ -350,6 +350,36 @@ def test_bf16_learned_temperature_gradient_through_the_triton_backward():
         "value_product": "matmul", "output": "as_is", "seed": 8096}))
 
 
+def test_a_minus_inf_bias_beside_a_finite_key_fill_keeps_eager_weights():
+    """Was a wrong answer (GPU run, 2026-12-01: relative error 0.84): a -inf padding bias hid a query's visible keys
+    and a finite fill the rest; eager puts all the weight on the filled keys, and the op's empty_rows="average"
+    averaged v over all keys. With no structure, the op fills exactly the keys eager fills: the formula is exact."""
+    check_program(build_program({
+        "kind": "attention", "dtype": "float32", "layout": "inputs3d", "B": 1, "H": 3, "D": 16, "DV": 16, "NQ": 2,
+        "NK": 3, "gqa": "none", "product": "at", "kT": "transpose_m1m2", "scale": "on_q", "scale_op": "mul",
+        "scale_value": 0.125, "bias": "padding_inf", "bias_shape": "K", "softcap": "method", "softcap_value": 50.0,
+        "bias_add": "torch_add", "masks": "random", "random_shape": "K", "random_polarity": "keep",
+        "pad_side": "left", "pads": (2,), "fill_form0": "where_keep", "negation": "~", "fill": "-1e9",
+        "softmax": "special", "dropout": "none", "value_product": "einsum", "output": "merge", "seed": 10929}))
+
+
+def test_a_minus_inf_bias_beside_causal_padding_keeps_the_mask_a_tensor():
+    """The same with causal structure: a padded query whose band the bias hides averages, in eager, the padded
+    and the out-of-band keys but not the -inf ones, which empty_rows="average" cannot say; the mask stays a tensor."""
+    def fn(q, k, v, bias, keep_keys):
+        n = q.shape[-2]
+        idx = torch.arange(n)
+        keep = (idx[None, :] <= idx[:, None]) & keep_keys[:, None, None, :]  # causal, as transformers builds it
+        scores = q @ k.mT * 0.3 + bias
+        return torch.softmax(torch.where(keep, scores, torch.finfo(scores.dtype).min), -1) @ v
+
+    keep_keys = torch.tensor([[False, False, True, True, True], [True] * 5])
+    bias = torch.tensor([0.0, 0.0, float("-inf"), 0.0, 0.0])  # query 2 sees keys 0-2: two padded, one -inf
+    sites = assert_equivalent(fn, _r(2, 2, 5, 8), _r(2, 2, 5, 8), _r(2, 2, 5, 8), bias, keep_keys,
+                              expected_sites=1, options=FAST)
+    assert "bias beside structure" in sites[0].describe(), sites[0].describe()
+
+
 def test_open_bugs_each_have_a_regression_test():
     source = open(__file__).read()
     for name in OPEN_BUGS:

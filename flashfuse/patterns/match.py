@@ -77,11 +77,19 @@ def _take_structure(plan):
     if isinstance(parts, str):
         plan.mask_note = f"tensor: {parts}"
         return
-    average = parts.keys and math.isfinite(fill)
-    if average and plan.spec.empty_rows != "nan":
+    finite = bool(parts.keys) and math.isfinite(fill)
+    if finite and plan.spec.empty_rows != "nan":
         plan.mask_note = f"tensor: a finite fill where this site's empty rows are {plan.spec.empty_rows!r}"
         return
-    adds = bool(average and remove is not None)
+    # The op hides structure with -inf where eager filled it: a query whose every key is filled (padded, or out of
+    # the band) averages v over all Nk keys in eager, which empty_rows="average" restores. Without structure the
+    # op fills exactly the keys eager fills, and the formula is eager's answer.
+    average = finite and (parts.causal or parts.window != (-1, -1))
+    if average and any(t is not remove for t in plan.bias):
+        plan.mask_note = ("tensor: a bias beside structure and a finite fill: where the bias is -inf on every key "
+                          "of a padded query's band, eager averages only the other keys")
+        return
+    adds = bool(finite and remove is not None)
     if adds and fill > HUGE_FILL:
         plan.mask_note = f"tensor: an additive fill {fill:g} does not swallow the scores of a fully hidden row"
         return
@@ -91,7 +99,7 @@ def _take_structure(plan):
     layout = remove[2] if remove is not None else plan.masks[0][2]
     if remove is not None:
         plan.bias.remove(remove)
-    _as_structure(plan, parts, layout, fill, **({"empty_rows": "average", "fill_adds": adds} if average else {}))
+    _as_structure(plan, parts, layout, fill, **({"empty_rows": "average"} if average else {}), fill_adds=adds)
 
 
 def _as_structure(plan, parts, layout, fill, **changes):
