@@ -168,13 +168,7 @@ def _dropout_keep(seed, rows, j0, n_keys, DROPOUT_P: tl.constexpr, BLOCK_N: tl.c
     draws = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (rows.shape[0], BLOCK_N))
     if TRANSPOSED:
         draws = tl.trans(draws)
-    return draws >= _keep_threshold(DROPOUT_P)
-
-
-@triton.constexpr_function
-def _keep_threshold(p):
-    # draw >= 65536 p for an integer draw, as an integer compare: no int -> float conversion per key
-    return math.ceil(p * 65536)
+    return draws.to(tl.float32) >= DROPOUT_P * 65536.0
 
 
 @triton.jit
