@@ -3,7 +3,8 @@ CUDA graphs, torch.export and AOTInductor, each checked against eager or stock i
 (tests/test_integration.py runs these); `--device cuda` on a GPU.
 
     python scripts/integration.py train-loop [--device cuda] [--autocast]   # GPT-2, accumulation, checkpointing
-    python scripts/integration.py distributed --strategy ddp|fsdp2 [--device cuda] [--world 2] [--size gpt2] [--autocast]
+    python scripts/integration.py distributed --strategy ddp|fsdp2 [--device cuda] [--world 2] [--size gpt2]
+        [--autocast]                                                        # bf16 autocast
     python scripts/integration.py caches [--device cuda]                    # a second process hits both caches
     python scripts/integration.py cudagraphs                                # CUDA only: reduce-overhead replays
     python scripts/integration.py export [--device cuda]                    # flashfuse.export + AOTInductor
@@ -176,7 +177,8 @@ def check_distributed(strategy, device="cpu", world=2, size="tiny", autocast=Fal
     memory = (", peak " + ", ".join(f"{k} {v:.0f} MiB" for k, v in ranks[0]["peak_mib"].items())
               if device == "cuda" else "")
     steps = SIZES[size][3]
-    print(f"{'ok' if ok else 'FAIL'} distributed {strategy} {device} x{world} {size}{' bf16 autocast' if autocast else ''}: {steps} steps, losses "
+    name = f"{strategy} {device} x{world} {size}" + (" bf16 autocast" if autocast else "")
+    print(f"{'ok' if ok else 'FAIL'} distributed {name}: {steps} steps, losses "
           f"{ranks[0]['losses'][0]:.4f} -> {ranks[0]['losses'][-1]:.4f}; flashfuse vs stock inductor: losses "
           f"{loss_err:.1e}, gradients {grad_err:.1e}; the op ran {calls}+ times a rank (rank 0: {seconds}{memory})",
           flush=True)
