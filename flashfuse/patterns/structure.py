@@ -11,7 +11,10 @@ constraint. Any other term keeps the whole mask a tensor, with the reason.
 
 Why that is exact: a query that sees a key gives its hidden keys weight exp(fill - max) = 0 in fp32
 either way (fill <= -1e4). A query that sees no key (left padding hides every key of the first rows)
-is a softmax over a row of equal fills in eager: the op's empty_rows="average" gives that answer.
+is a softmax over a row of equal fills in eager. With structure, whose hidden keys the op fills with -inf
+rather than the fill, the op's empty_rows="average" gives that answer (match._take_structure, which keeps the
+mask a tensor when a bias could hide some of the row's keys with -inf); without structure the op fills exactly
+the keys eager fills, and its formula is the answer.
 """
 import math
 from dataclasses import dataclass
