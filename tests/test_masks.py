@@ -170,6 +170,21 @@ def test_structured_padding_bias_after_a_finite_causal_fill(padded):
     assert site.spec.fill_adds == bool(padded) and (site.operands["mask_note"] == "key_padding") == bool(padded)
 
 
+def test_structured_padding_bias_beside_another_bias_is_left_alone():
+    """GPT-Neo's spelling with a bias on the scores, -inf on a padded key: the queries of batch 0 that see only padded
+    keys weigh, in eager, every padded key of their band but that one; the op would weigh it too. Left alone."""
+    bias = torch.zeros(N)
+    bias[1] = float("-inf")
+
+    def fn(q, k, v, pad, bias):
+        i, j = _positions()
+        s = torch.where(j <= i, q @ k.mT * D ** -0.5 + bias, torch.finfo(q.dtype).min)
+        return torch.softmax(s + _additive((j <= i) & pad[:, None, None, :]), -1) @ v
+
+    site = assert_equivalent(fn, *_qkv(), _padding(), bias, expected_sites=0, options=FAST)[0]
+    assert not site.rewritten and "beside another bias" in site.reason, site.describe()
+
+
 def test_padding_bias_after_a_finite_fill_with_other_structure_is_left_alone():
     """A sliding-window fill, then a causal (not windowed) padding bias: keys the window hides but the causal bias
     keeps stay at the fill, so a query that sees only padded keys would weigh them; left alone, with the reason."""

@@ -126,8 +126,11 @@ def _take_stacked(plan):
         raise Refuse(f"{STACKED} that is not where(keep, 0, fill) with a fill that swallows the scores")
     if len(plan.masks) != 1 or plan.sink is not None or plan.spec.empty_rows != "nan" or plan.spec.softcap:
         raise Refuse(f"{STACKED}, with a second mask, a sink, a softcap or a safe softmax")
-    if _needs_grad(term[0]) or any(_needs_grad(t[0]) for t in plan.bias if t is not term):
+    if _needs_grad(term[0]):
         raise Refuse(f"{STACKED}: a fully hidden row's gradient would reach a learned bias")
+    if any(t is not term for t in plan.bias):  # a -inf in it would drop a padded key that eager's row still weighs
+        raise Refuse(f"{STACKED} beside another bias: where it is -inf on a padded key, a query that sees only "
+                     "padded keys weighs the others in eager, and all of them in the op")
     node, keeps, _ = plan.masks[0]
     structure, padded = decompose(node, keeps, nq, nk), decompose(found[0], found[1], nq, nk)
     for parts in (structure, padded):
