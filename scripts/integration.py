@@ -99,19 +99,20 @@ def _wrap(model, strategy, device):
     return fully_shard(model, mesh=mesh)
 
 
-#: --size: (model sizes, batch, sequence length, steps); the first two steps compile, the rest are timed.
-SIZES = {"tiny": ({}, 4, 32, 3),
-         "gpt2": (dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257), 8, 1024, 8)}
+#: --size: (model sizes, batch, sequence length, steps, learning rate); the first two steps compile, the rest
+#: are timed.
+SIZES = {"tiny": ({}, 4, 32, 3, 3e-3),
+         "gpt2": (dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257), 8, 1024, 8, 3e-4)}
 
 
 def _distributed_run(strategy, backend, device, size="tiny", autocast=False):
     """(losses, gradients of the last step, seconds of each step) of this rank under `strategy`, compiled with
     `backend`."""
-    sizes, batch, seq, steps = SIZES[size]
+    sizes, batch, seq, steps, lr = SIZES[size]
     rank = torch.distributed.get_rank()
     model = _wrap(models.gpt2_lm(device=device, **sizes), strategy, device)
     run = torch.compile(model, backend=backend)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3 if size == "tiny" else 3e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     inputs = _batch(0, device, batch=batch, seq=seq, rank=rank)  # one batch a rank: the loss falls as it is learned
     losses, seconds = [], []
     for _ in range(steps):

@@ -84,7 +84,7 @@ def _take_structure(plan):
     # The op hides structure with -inf where eager filled it: a query whose every key is filled (padded, or out of
     # the band) averages v over all Nk keys in eager, which empty_rows="average" restores. Without structure the
     # op fills exactly the keys eager fills, and the formula is eager's answer.
-    average = finite and (parts.causal or parts.window != (-1, -1))
+    average = finite and parts.window != (-1, -1)  # structure: causal or a window
     if average and any(t is not remove for t in plan.bias):
         plan.mask_note = ("tensor: a bias beside structure and a finite fill: where the bias is -inf on every key "
                           "of a padded query's band, eager averages only the other keys")
