@@ -165,9 +165,10 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
 
-    def add(row):
+    def add(row):  # saved after every row, so a run cut short keeps what it measured
         rows.append(row)
         show(row)
+        timing.save(rows, "kernels", args.out)
     h = 16
     if not args.no_grid:
         for d in args.d:
