@@ -192,8 +192,8 @@ def main(argv=None):
     try:
         import plot
         print(f"plotted {plot.plot(path)}", flush=True)
-    except ImportError as exc:
-        print(f"no plot ({exc}): run python bench/plot.py {path}")
+    except (ImportError, ValueError) as exc:
+        print(f"no plot ({exc})")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ def plot(path):
     rows = [r for r in data["rows"] if "error" not in r and not r.get("decode") and not r["bias"]
             and r["Hkv"] == r["H"]]
     panels = sorted({(r["D"], r["causal"]) for r in rows})
+    if not panels:
+        raise ValueError(f"{path} has no grid rows to plot (only GQA, bias, decode or refused rows)")
     impls = sorted({r["impl"] for r in rows}, key=lambda name: (name != "flashfuse", name))
     fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels), 7), squeeze=False, sharex=True)
     for col, (d, causal) in enumerate(panels):
