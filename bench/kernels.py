@@ -53,7 +53,8 @@ def attention_fn(impl, q, k, v, causal, bias=None):
         return run
     if impl == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        compiled = _compiled_flex(flex_attention)
+        torch._dynamo.reset()  # a fresh compile per shape: past dynamo's recompile limit flex runs unfused, eagerly
+        compiled = torch.compile(flex_attention, dynamic=False)
         n, nk = q.shape[2], k.shape[2]
         block_mask = None
         if causal:
@@ -64,15 +65,6 @@ def attention_fn(impl, q, k, v, causal, bias=None):
                 return score + bias[b, 0, i, j]
         return lambda: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
     raise ValueError(impl)
-
-
-_FLEX = {}
-
-
-def _compiled_flex(flex_attention):
-    if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX["fn"]
 
 
 def measure(impl, b, h, hkv, n, d, causal, bias=False, dtype=torch.bfloat16):
@@ -156,6 +148,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--d", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--impl", nargs="+", default=IMPLS)
+    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both", help="grid cells to run")
     parser.add_argument("--tokens", type=int, default=256 * 1024, help="B * H * N of every grid cell")
     parser.add_argument("--no-grid", action="store_true")
     parser.add_argument("--no-extra", action="store_true", help="skip the GQA and bias rows")
@@ -173,7 +166,7 @@ def main(argv=None):
     if not args.no_grid:
         for d in args.d:
             for n in args.n:
-                for causal in (False, True):
+                for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
                     for impl in args.impl:
                         add(measure(impl, max(1, args.tokens // (h * n)), h, h, n, d, causal))
     if not args.no_extra:
