@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from flashfuse.kernels import cpu, flash
+from flashfuse.kernels import configs, cpu, flash
 from flashfuse.kernels.reference import oracle, oracle_gradients
 from flashfuse.kernels.spec import AttentionSpec
 from flashfuse.tolerances import FORWARD, GRADIENT, ZERO_GRADIENT, assert_close, relative_error
@@ -121,6 +121,35 @@ def _rank(dtype):
 @pytest.mark.parametrize("nq,nk", [(40, 56), (64, 64), (1, 33), (17, 1), (70, 45)])
 def test_shapes(impl, nq, nk):
     check(impl, nq=nq, nk=nk)
+
+
+def _tiles(kind):
+    """The tile shapes bench/tune.py may launch kernel `kind` with (warps and stages do not change results)."""
+    return sorted({(c["BLOCK_M"], c["BLOCK_N"]) for c in configs.candidates(kind, 64)})
+
+
+@pytest.mark.parametrize("kind,tile", [(kind, tile) for kind in ("fwd", "dq", "dkdv") for tile in _tiles(kind)])
+def test_tuning_candidates_compute_attention(kind, tile):
+    """Every tile shape a tuning run may pick gives the oracle's answer: causal with more keys than queries and
+    more queries than keys, with key padding, over ragged block edges."""
+    cfg = {"BLOCK_M": tile[0], "BLOCK_N": tile[1], "num_warps": 4, "num_stages": 1}
+    with configs.override(kind, cfg):
+        check("triton", b=1, nq=70, nk=150, causal=True, mask=(1, 1, 1, 150))
+        check("triton", b=1, nq=150, nk=70, causal=True, window=(40, -1))
+
+
+def test_config_override_is_launched_and_restored():
+    launched = []
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+    q = k = v = torch.randn(1, 1, 40, 16)  # 40 queries: the forward kernel, not decode's
+    with configs.override("fwd", cfg):
+        flash.forward(q, k, v, None, None, None, AttentionSpec(scale=0.25),
+                      launch=lambda kernel, grid: lambda *a, **kw: launched.append(kw))
+    assert {key: launched[0][key] for key in cfg} == cfg
+    assert configs.default("fwd", 16) == configs.INTERPRETER
+    with pytest.raises(ValueError, match="kind must be one of"):
+        with configs.override("bwd", cfg):
+            pass
 
 
 @pytest.mark.parametrize("d,dv", [(16, 16), (40, 24), (64, 64), (80, 80), (96, 40), (160, 32)])

@@ -1,10 +1,11 @@
 """Launch configurations as data: one fixed config per kernel and head-dim class, and the candidates a tuning
-run sweeps (bench/tune.py).
+run sweeps (bench/tune.py, which launches each through `override`).
 
 The fixed configs are H200 autotuning winners (bench/README.md); a launch never autotunes, so no call stalls
 on compilation of configs it will not use, and the launch path stays short. The interpreter always takes
 small blocks, so short test sequences still cross block edges.
 """
+import contextlib
 import os
 
 import torch
@@ -50,8 +51,31 @@ def pow2(n):
     return 1 << (int(n) - 1).bit_length()
 
 
+#: kind -> the config that replaces FIXED's inside `override` (every head dim)
+_OVERRIDE = {}
+
+
+@contextlib.contextmanager
+def override(kind, cfg):
+    """Launch kernel `kind` ("fwd", "dq", "dkdv", "decode") with `cfg` inside the block, e.g.
+    `with configs.override("dkdv", {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}): ...`"""
+    if kind not in FIXED:
+        raise ValueError(f"kind must be one of {sorted(FIXED)}, got {kind!r}")
+    before = _OVERRIDE.get(kind)
+    _OVERRIDE[kind] = dict(cfg)
+    try:
+        yield
+    finally:
+        if before is None:
+            _OVERRIDE.pop(kind)
+        else:
+            _OVERRIDE[kind] = before
+
+
 def default(kind, head_d):
     """The launch config (a fresh dict) of kernel `kind` for a padded head dim."""
+    if kind in _OVERRIDE:
+        return dict(_OVERRIDE[kind])
     if INTERPRET:
         cfg = dict(INTERPRETER)
         if kind == "decode":
@@ -64,7 +88,7 @@ def candidates(kind, head_d):
     """Configs a tuning run tries for `kind`: tile shapes x warps x pipeline depth, minus those that cannot
     fit shared memory or registers at large head dims."""
     block_m = (32, 64) if kind == "dkdv" else (64, 128)
-    block_n = (64, 128) if kind == "dkdv" else (32, 64, 128)
+    block_n = (32, 64, 128)  # dK/dV at 32: half the accumulator registers of 64 (large head dims spill)
     found = []
     for bm in block_m:
         for bn in block_n:
