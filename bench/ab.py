@@ -26,7 +26,8 @@ import timing  # noqa: E402
 
 import flashfuse  # noqa: E402
 
-# name: (B, Hq, Hkv, Nq, Nk, D, causal[, dropout_p])
+# name: (B, Hq, Hkv, Nq, Nk, D, causal[, dropout_p[, padded]]); padded: a (B, 1, 1, Nk) key mask hiding the first
+# third of the keys of row 0 ("row0", as bench/models.py pads) or of every row ("all")
 SHAPES = {
     "gpt2 8x12x1024 d64 c": (8, 12, 12, 1024, 1024, 64, True),
     "gpt2 8x12x1024 d64 c dropout 0.1": (8, 12, 12, 1024, 1024, 64, True, 0.1),
@@ -38,6 +39,10 @@ SHAPES = {
     "gqa 4x16/4x4096 d128 c": (4, 16, 4, 4096, 4096, 128, True),
     "1x16x16384 d128 c": (1, 16, 16, 16384, 16384, 128, True),
     "2x16x4096 d256 c": (2, 16, 16, 4096, 4096, 256, True),
+    "gpt2 8x12x1024 d64 c keypad row0": (8, 12, 12, 1024, 1024, 64, True, 0.0, "row0"),
+    "gpt2 8x12x1024 d64 c keypad all": (8, 12, 12, 1024, 1024, 64, True, 0.0, "all"),
+    "4x16/4x2048 d128 nc keypad all": (4, 16, 4, 2048, 2048, 128, False, 0.0, "all"),
+    "decode 8x32/4 q1 k4096 d128 keypad all": (8, 32, 4, 1, 4096, 128, False, 0.0, "all"),
     "decode 8x32/4 q1 k4096 d128": (8, 32, 4, 1, 4096, 128, False),
     "decode 8x32/4 q1 k131072 d128": (8, 32, 4, 1, 131072, 128, False),
 }
@@ -74,12 +79,22 @@ def load_old(commit_or_folder):
     return flashfuse_ab
 
 
-def measure(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0):
+def key_padding(b, nk, padded):
+    """{} or {"mask": (B, 1, 1, Nk) bool} hiding the first third of row 0's keys or of every row's."""
+    if not padded:
+        return {}
+    mask = torch.ones(b, 1, 1, nk, dtype=torch.bool, device="cuda")
+    mask[:1 if padded == "row0" else b, ..., :nk // 3] = False
+    return {"mask": mask}
+
+
+def measure(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded=None):
     torch.manual_seed(0)
     q = torch.randn(b, hq, nq, d, device="cuda", dtype=torch.bfloat16, requires_grad=nq > 1)
     k = torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=nq > 1)
     v = torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=nq > 1)
-    fwd = lambda: attention(q, k, v, causal=causal, dropout_p=dropout_p)  # noqa: E731
+    extra = key_padding(b, nk, padded)
+    fwd = lambda: attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra)  # noqa: E731
     with torch.no_grad():
         result = {"fwd": timing.wall_ms(fwd)[1], "fwd_gpu": timing.gpu_ms(fwd), "fwd_host": timing.host_ms(fwd)}
     if nq > 1:
@@ -91,17 +106,18 @@ def measure(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0):
     return result
 
 
-def kernel_times(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, calls=5):
+def kernel_times(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded=None, calls=5):
     """{kernel name: GPU us per forward + backward call}."""
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
-    out = attention(q, k, v, causal=causal, dropout_p=dropout_p)
+    extra = key_padding(b, nk, padded)
+    out = attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra)
     dout = torch.randn_like(out)
     torch.autograd.grad(out, (q, k, v), dout)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            torch.autograd.grad(attention(q, k, v, causal=causal, dropout_p=dropout_p), (q, k, v), dout)
+            torch.autograd.grad(attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra), (q, k, v), dout)
         torch.cuda.synchronize()
     return {e.key[:40]: e.self_device_time_total / calls for e in prof.key_averages() if e.self_device_time_total > 0}
 

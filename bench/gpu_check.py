@@ -51,7 +51,7 @@ def _err(a, b):
 
 def check(name, b, hq, hkv, nq, nk, d, dv=None, dtype=torch.bfloat16, causal=False, window=(-1, -1), bias=None,
           mask=None, mask_value=float("-inf"), softcap=0.0, dropout_p=0.0, layout="bhnd", tf32=False, left_pad=0,
-          empty_rows="nan", fill_adds=False, dlse=False):
+          right_pad=0, empty_rows="nan", fill_adds=False, dlse=False):
     dv = d if dv is None else dv
     torch.backends.cuda.matmul.allow_tf32 = tf32
     mk = (lambda s: torch.randn(s[0], s[2], s[1], s[3], device=DEV, dtype=dtype).transpose(1, 2)) \
@@ -61,6 +61,8 @@ def check(name, b, hq, hkv, nq, nk, d, dv=None, dtype=torch.bfloat16, causal=Fal
     mask_t = None if mask is None else torch.rand(mask, device=DEV) > 0.2
     if left_pad:
         mask_t[0, ..., :left_pad] = False  # the first queries of batch 0 see no key under causal
+    if right_pad:
+        mask_t[-1, ..., nk - right_pad:] = False
     seed = torch.tensor([42], dtype=torch.int64, device=DEV) if dropout_p else None
     spec = AttentionSpec(scale=d ** -0.5, softcap=softcap, mask_value=mask_value, causal=causal, window=window,
                          dropout_p=dropout_p, empty_rows=empty_rows, fill_adds=fill_adds)
@@ -113,6 +115,13 @@ CASES = [
                                             empty_rows="average")),
     ("keypad decode 4x32/8 q1 k4096", dict(b=4, hq=32, hkv=8, nq=1, nk=4096, d=128, causal=True,
                                            mask=(4, 1, 1, 4096), mask_value=MIN, empty_rows="average")),
+    # whole key blocks hidden, so the kernels skip them (flash_common.skips_padding)
+    ("keypad -inf left/right 2x8/2x2048 d64 c", dict(b=2, hq=8, hkv=2, nq=2048, nk=2048, d=64, causal=True,
+                                                     mask=(2, 1, 1, 2048), left_pad=700, right_pad=500,
+                                                     empty_rows="zero")),
+    ("keypad decode left 4x32/8 q1 k8192", dict(b=4, hq=32, hkv=8, nq=1, nk=8192, d=128, causal=True,
+                                                mask=(4, 1, 1, 8192), mask_value=MIN, left_pad=3000,
+                                                empty_rows="average")),
     ("lse gradient gqa causal 2x8/2x1024 d128", dict(b=2, hq=8, hkv=2, nq=1024, nk=1024, d=128, causal=True,
                                                      dlse=True)),
     ("dropout 1x2x1024 d64", dict(b=1, hq=2, hkv=2, nq=1024, nk=1024, d=64, dropout_p=0.1, causal=True)),

@@ -25,15 +25,17 @@ def wall_ms(fn, rep=100):
     return p20, p50, p80
 
 
-def gpu_ms(fn, calls=10):
-    """Summed device time of the kernels one call of fn() launches, in ms (mean over `calls`)."""
+def gpu_ms(fn, calls=10, kernel=""):
+    """Summed device time of the kernels one call of fn() launches, in ms (mean over `calls`); only those whose
+    name starts with `kernel` when it is given."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    total_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+    total_us = sum(e.self_device_time_total for e in prof.key_averages()
+                   if e.self_device_time_total > 0 and e.key.startswith(kernel))
     return total_us / calls / 1e3
 
 

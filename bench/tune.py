@@ -94,7 +94,7 @@ def sweep(kinds, dims, n, causals):
                                   f"{rows[-1]['error']}", flush=True)
                             continue
                         error = max(relative_error(a, e) for a, e in zip(got, expected))
-                        us = _kernel_us(run, KERNELS[kind])
+                        us = timing.gpu_ms(run, kernel=KERNELS[kind]) * 1e3
                     if row["fixed"]:
                         base = us
                     ratio = base / us if base else None
@@ -118,17 +118,6 @@ def _problem(b, h, n, d, causal):
         out = flashfuse.attention(q, k, v, causal=causal)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
     return run
-
-
-def _kernel_us(fn, name, calls=10):
-    """GPU microseconds per call of fn() spent in kernels whose name starts with `name`."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages() if e.key.startswith(name)) / calls
 
 
 def main(argv=None):
