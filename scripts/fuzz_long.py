@@ -95,7 +95,7 @@ def main(argv=None):
         log.write(f"[{time.time() - start:8.1f}s] {text}\n")
 
     note(f"start: {vars(args)} TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} options={options}")
-    state = {"last_failure": None, "shrinking": False}
+    state = {"last_failure": None, "shrinking": False, "logged": 0}
 
     def write_summary():
         elapsed = time.time() - start
@@ -114,7 +114,7 @@ def main(argv=None):
             json.dump(summary, f, indent=1, default=str)
         os.replace(tmp, args.summary)
 
-    def check(program):
+    def count(program):
         stats["calls"] += 1
         if not state["shrinking"]:
             stats["generated"] += 1
@@ -123,44 +123,56 @@ def main(argv=None):
             for name, value in program.choices.items():
                 if name not in ("seed", "pads"):
                     coverage[name][str(value)] += 1
+
+    def check(program):
+        """Check one program; it counts once it has finished (passed or failed), not when interrupted."""
         try:
             check_program(program if args.device == "cpu" else program.to(args.device), options=options)
+        except KeyboardInterrupt:
+            raise
         except BaseException as exc:
+            count(program)
             state["last_failure"] = (program, exc)
             state["shrinking"] = True
             raise
+        else:
+            count(program)
         finally:
-            if stats["calls"] % args.every == 0:
+            if stats["calls"] % args.every == 0 and stats["calls"] != state["logged"]:
+                state["logged"] = stats["calls"]
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
                 rate = stats["calls"] / (time.time() - start)
                 note(f"{stats['calls']} programs run ({stats['generated']} generated, {rate:.2f}/s), "
                      f"{len(stats['failures'])} failures, max RSS {rss} MiB")
                 write_summary()
 
-    chunk = 0
-    while stats["generated"] < args.examples:
-        n = min(args.chunk, args.examples - stats["generated"])
-        chunk_seed = args.seed + chunk
-        state["last_failure"], state["shrinking"] = None, False
+    try:
+        chunk = 0
+        while stats["generated"] < args.examples:
+            n = min(args.chunk, args.examples - stats["generated"])
+            chunk_seed = args.seed + chunk
+            state["last_failure"], state["shrinking"] = None, False
 
-        @seed(chunk_seed)
-        @settings(settings.get_profile("fuzz"), max_examples=n, database=None)
-        @given(strategy)
-        def run(program):
-            check(program)
+            @seed(chunk_seed)
+            @settings(settings.get_profile("fuzz"), max_examples=n, database=None)
+            @given(strategy)
+            def run(program):
+                check(program)
 
-        try:
-            run()
-        except Exception as exc:  # a failure, shrunk: log it and go on with the next chunk
-            program, last = state["last_failure"] or (None, exc)
-            message = "".join(traceback.format_exception_only(type(last), last)).strip()
-            stats["failures"].append({"chunk_seed": chunk_seed, "message": message,
-                                      "choices": program.choices if program else None,
-                                      "source": program.source if program else None})
-            note(f"FAILURE in chunk {chunk} (seed {chunk_seed}), shrunk to:\n{program!r}\n{message}\n")
-        stats["chunks"] += 1
-        chunk += 1
-        write_summary()
+            try:
+                run()
+            except Exception as exc:  # a failure, shrunk: log it and go on with the next chunk
+                program, last = state["last_failure"] or (None, exc)
+                message = "".join(traceback.format_exception_only(type(last), last)).strip()
+                stats["failures"].append({"chunk_seed": chunk_seed, "message": message,
+                                          "choices": program.choices if program else None,
+                                          "source": program.source if program else None})
+                note(f"FAILURE in chunk {chunk} (seed {chunk_seed}), shrunk to:\n{program!r}\n{message}\n")
+            stats["chunks"] += 1
+            chunk += 1
+            write_summary()
+    except KeyboardInterrupt:  # a time limit (timeout --signal=INT): the summary keeps every finished program
+        note("interrupted")
     note(f"done: {stats['calls']} programs run ({stats['generated']} generated), "
          f"{len(stats['failures'])} failures, {time.time() - start:.0f}s")
     write_summary()

@@ -386,3 +386,30 @@ def test_open_bugs_each_have_a_regression_test():
         assert f"open bug {name}" in source, name
     with pytest.raises(ValueError, match="unknown names"):
         attention_programs(avoid=("no_such_bug",))
+
+
+def test_fuzz_long_counts_the_programs_finished_before_an_interrupt(tmp_path, monkeypatch):
+    """A time limit ends scripts/fuzz_long.py with SIGINT (bench/gpu_fuzz.sh): its summary must hold exactly the
+    programs that finished, with the one interrupted left out."""
+    import importlib.util
+    import json
+
+    import flashfuse.testing.programs as programs
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "fuzz_long.py")
+    spec = importlib.util.spec_from_file_location("fuzz_long", path)
+    fuzz_long = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz_long)
+    calls = []
+
+    def check_program(program, options=None):  # the fourth program is cut short
+        calls.append(program)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(programs, "check_program", check_program)
+    summary = tmp_path / "fuzz.json"
+    assert fuzz_long.main(["--examples", "10", "--every", "2", "--log", str(tmp_path / "fuzz.log"),
+                           "--summary", str(summary)]) == 0
+    written = json.loads(summary.read_text())
+    assert len(calls) == 4 and written["programs_run"] == written["programs_generated"] == 3
+    assert "interrupted" in (tmp_path / "fuzz.log").read_text()
