@@ -5,7 +5,8 @@
 # each (most of it goes to compiling the Triton kernels for each new shape; a second run on the same
 # machine finds more of them in Triton's cache), then prints the merged summary (python scripts/fuzz_long.py --merge) to summary.md in the log dir,
 # and packs the per-process JSON summaries (what a later --merge reads) into summaries.tgz beside it: two files to
-# copy off a machine that returns only a few.
+# copy off a machine that returns only a few. Each process writes its summary when `seconds` interrupts it, with
+# every program that finished; give the whole command a minute more than `seconds` for that and the merge.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${1:-/tmp/flashfuse-fuzz}
