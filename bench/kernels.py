@@ -148,7 +148,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--d", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--impl", nargs="+", default=IMPLS)
-    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both", help="grid cells to run")
+    parser.add_argument("--causal", choices=list(timing.CAUSAL), default="both", help="grid cells to run")
     parser.add_argument("--tokens", type=int, default=256 * 1024, help="B * H * N of every grid cell")
     parser.add_argument("--no-grid", action="store_true")
     parser.add_argument("--no-extra", action="store_true", help="skip the GQA and bias rows")
@@ -166,7 +166,7 @@ def main(argv=None):
     if not args.no_grid:
         for d in args.d:
             for n in args.n:
-                for causal in {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]:
+                for causal in timing.CAUSAL[args.causal]:
                     for impl in args.impl:
                         add(measure(impl, max(1, args.tokens // (h * n)), h, h, n, d, causal))
     if not args.no_extra:
@@ -185,7 +185,9 @@ def main(argv=None):
     try:
         import plot
         print(f"plotted {plot.plot(path)}", flush=True)
-    except (ImportError, ValueError) as exc:
+    except ImportError as exc:
+        print(f"no plot ({exc}): run python bench/plot.py {path}")
+    except ValueError as exc:
         print(f"no plot ({exc})")
 
 

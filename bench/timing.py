@@ -17,6 +17,8 @@ import triton
 from triton.testing import do_bench
 
 QUANTILES = [0.2, 0.5, 0.8]
+#: --causal of the benchmarks: which grid cells run
+CAUSAL = {"both": (False, True), "yes": (True,), "no": (False,)}
 
 
 def wall_ms(fn, rep=100):

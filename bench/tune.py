@@ -125,13 +125,13 @@ def main(argv=None):
     parser.add_argument("--kind", nargs="+", choices=sorted(KERNELS), default=sorted(KERNELS))
     parser.add_argument("--d", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    parser.add_argument("--causal", choices=list(timing.CAUSAL), default="both")
     parser.add_argument("--compile-only", action="store_true", help="no GPU: compile each candidate for sm_90")
     args = parser.parse_args(argv)
     if args.compile_only:
         compile_only(args.kind, args.d)
         return
-    causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    causals = timing.CAUSAL[args.causal]
     rows = sweep(args.kind, args.d, args.n, causals)
     for kind in args.kind:
         for d in args.d:
