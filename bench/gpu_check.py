@@ -115,7 +115,7 @@ CASES = [
                                             empty_rows="average")),
     ("keypad decode 4x32/8 q1 k4096", dict(b=4, hq=32, hkv=8, nq=1, nk=4096, d=128, causal=True,
                                            mask=(4, 1, 1, 4096), mask_value=MIN, empty_rows="average")),
-    # whole key blocks hidden (left, right and, under causal, whole rows)
+    # whole key blocks hidden, so the kernels skip them (flash_common.skips_padding)
     ("keypad -inf left/right 2x8/2x2048 d64 c", dict(b=2, hq=8, hkv=2, nq=2048, nk=2048, d=64, causal=True,
                                                      mask=(2, 1, 1, 2048), left_pad=700, right_pad=500,
                                                      empty_rows="zero")),

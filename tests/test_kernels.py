@@ -321,7 +321,8 @@ def _padding(nk, *kept):
 
 
 # (fill, fill_adds, empty_rows, causal): SDPA's bool mask; transformers' finfo.min added under causal structure;
-# BERT's added finfo.min without structure; a fill too small to zero p; an added fill of -1e9
+# BERT's added finfo.min without structure; a fill too small to zero p (the kernels keep every block); an added fill
+# above HUGE_FILL (kept too)
 PADDING_FILLS = [(NEG_INF, False, "zero", False), (torch.finfo(torch.float32).min, True, "average", True),
                  (torch.finfo(torch.float32).min, True, "nan", False), (-30.0, False, "nan", False),
                  (-1e9, True, "average", True)]
@@ -330,11 +331,51 @@ PADDING_FILLS = [(NEG_INF, False, "zero", False), (torch.finfo(torch.float32).mi
 @pytest.mark.parametrize("fill,fill_adds,empty_rows,causal", PADDING_FILLS)
 def test_key_padding_over_whole_blocks(impl, fill, fill_adds, empty_rows, causal):
     """Key padding that hides whole key blocks (left, right, all keys of a batch), the rows that see no kept key
-    included, against the oracle."""
+    included, against the oracle: the Triton kernels skip such blocks where that is exact."""
     nk = 150
     keys = _padding(nk, (53, nk), (0, 37), (0, 0), (20, 90))
     check(impl, b=4, hq=4, hkv=2, nq=nk, nk=nk, causal=causal, mask=keys, mask_value=fill, fill_adds=fill_adds,
           empty_rows=empty_rows)
+
+
+@pytest.mark.parametrize("nq", [150, 3])  # 3 queries: the decode kernel's splits
+@pytest.mark.parametrize("fill,fill_adds,empty_rows,causal", PADDING_FILLS)
+def test_key_padding_skips_the_blocks_it_hides(fill, fill_adds, empty_rows, causal, nq):
+    """NaN in k and v under the blocks padding hides whole: a skipped block leaves every result finite and equal
+    to the oracle's on clean inputs (dk, dv 0 there). Where skipping could change an answer (a fill that leaves
+    p > 0, or rows that see no kept key averaging the filled ones) the kernels read those keys, and the NaN comes
+    through as in eager."""
+    nk, block = 150, configs.INTERPRETER["BLOCK_N"]
+    keys = _padding(nk, (53, nk), (0, 37))
+    hidden = torch.zeros(nk, 2, dtype=torch.bool)  # (key, batch): in a block that keeps no key
+    for row, (start, stop) in enumerate([(53, nk), (0, 37)]):
+        hidden[:start // block * block, row] = True
+        hidden[-(-stop // block) * block:, row] = True
+    spec = AttentionSpec(scale=0.125, causal=causal, mask_value=fill, fill_adds=fill_adds, empty_rows=empty_rows)
+    gen = torch.Generator().manual_seed(3)
+    q, dout = (torch.randn(2, 2, nq, 32, generator=gen) for _ in range(2))
+    k, v = (torch.randn(2, 2, nk, 32, generator=gen) for _ in range(2))
+    poisoned = [t.clone() for t in (k, v)]
+    for t in poisoned:
+        t.permute(2, 0, 1, 3)[hidden] = float("nan")
+    out, stats = flash.forward(q, *poisoned, None, keys, None, spec)
+    dq, dk, dv, _ = flash.backward(dout, q, *poisoned, None, keys, None, out, stats, spec, False)
+    if spec.empty_rows == "average" and causal:  # rows that see no kept key average v over all keys, NaN included
+        seen = torch.isfinite(stats[0])
+    else:
+        seen = torch.ones_like(stats[0], dtype=torch.bool)
+    skipped = fill == NEG_INF or (empty_rows == "average" and fill <= -1e37)  # flash_common.skips_padding
+    if not skipped:
+        assert torch.isnan(out[seen]).any(), "a fill that leaves p > 0 must read the hidden keys"
+        return
+    ref_out, _, ref_dq, ref_dk, ref_dv, *_ = oracle_gradients(dout.masked_fill(~seen[..., None], 0.0), q, k, v, spec,
+                                                              None, keys)
+    assert_close(out[seen], ref_out[seen].to(out.dtype), torch.float32, "forward", "out")
+    assert_close(dq[seen], ref_dq[seen].to(dq.dtype), torch.float32, "gradient", "dq")
+    if not (spec.empty_rows == "average" and causal):  # there the average's dv and dk reach the NaN keys
+        assert_close(dk, ref_dk.to(dk.dtype), torch.float32, "gradient", "dk")
+        assert_close(dv, ref_dv.to(dv.dtype), torch.float32, "gradient", "dv")
+        assert (dv.permute(2, 0, 1, 3)[hidden] == 0).all()
 
 
 @pytest.mark.parametrize("window,nq,dtype", [((-1, -1), 40, torch.float32), ((6, -1), 40, torch.float32),

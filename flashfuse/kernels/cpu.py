@@ -11,10 +11,10 @@ import torch
 
 from flashfuse.kernels import empty, hidden_rows
 from flashfuse.kernels.reference import repeat_kv, scores
+from flashfuse.kernels.spec import HUGE_FILL
 
 KEY_BLOCK = 512
 SATURATED = -1e8  # a finite row max beyond +-1e8 cannot carry its log-sum in one fp32 number
-HUGE_FILL = -1e30  # fills this large swallow any score added to them in fp32
 
 
 def stats_dtype(dtype):

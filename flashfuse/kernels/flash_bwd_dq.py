@@ -6,7 +6,17 @@ needs first and stores for the dK/dV kernel. P is recomputed from the forward's 
 import triton
 import triton.language as tl
 
-from flashfuse.kernels.flash_common import _band, _dot, _dropout_keep, _recompute_p, _row_stats, _score_tile, _stage
+from flashfuse.kernels.flash_common import (
+    _band,
+    _clip_band,
+    _dot,
+    _dropout_keep,
+    _kept_keys,
+    _recompute_p,
+    _row_stats,
+    _score_tile,
+    _stage,
+)
 
 
 @triton.jit
@@ -68,7 +78,8 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
                n_heads, group, n_queries, n_keys, mask_value,
                SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, RAW: tl.constexpr,
-               PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, DELTA_IN: tl.constexpr, D: tl.constexpr,
+               PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, SKIP_PADDING: tl.constexpr, DELTA_IN: tl.constexpr,
+               D: tl.constexpr,
                DV: tl.constexpr,
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # DELTA_IN: Delta arrives holding -dlse, the gradient of each row's logsumexp, which joins delta
@@ -110,6 +121,9 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
         seed = tl.load(Seed)
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     lo, mid_lo, mid_hi, hi = _band(m0, n_keys, shift, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    if SKIP_PADDING:  # only the blocks that hold kept keys of this batch (flash_common)
+        kept_lo, kept_hi = _kept_keys(Mask + b * smb + h * smh, smn, lo, hi, BLOCK_N)
+        lo, mid_lo, mid_hi, hi = _clip_band(lo, mid_lo, mid_hi, hi, kept_lo, kept_hi, BLOCK_N)
     for stage in tl.static_range(3):
         if stage != 0 or LEFT >= 0:  # stage 0 holds blocks only under a window
             start, end = _stage(stage, lo, mid_lo, mid_hi, hi)

@@ -13,6 +13,11 @@ take `mask_value` and keep their gradient, spec.fill_adds), RAW
 SCALE * LOG2E into exp2), PRECISION for the dots, and MASK_KEYS: the mask has no query dim (key padding), so a
 tile reads one row of it, not a row per query.
 A finite fill is a runtime argument, `mask_value` (`fill_argument`), so that fills do not multiply compiles.
+
+SKIP_PADDING: key padding (MASK_KEYS, no bias) whose hidden keys get p = 0 exactly in every row that sees a kept
+key, and whose rows that see none do not depend on them (`skips_padding`). Then each forward and dQ program cuts
+its band to the blocks holding its batch's kept keys (`_kept_keys`, `_clip_band`), a decode split its chunk, and a
+dK/dV program whose keys are all hidden does no work.
 """
 import math
 import os
@@ -20,6 +25,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from flashfuse.kernels.spec import HUGE_FILL
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
@@ -153,6 +160,30 @@ def _stage(stage: tl.constexpr, lo, mid_lo, mid_hi, hi):
 
 
 @triton.jit
+def _kept_keys(mask_row, smn, lo, hi, BLOCK: tl.constexpr):
+    """[first, end): the span of the keys in [lo, hi) that a key-padding mask row keeps (hi, lo when none)."""
+    first = hi
+    end = lo
+    for start in range(lo, hi, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        keep = tl.load(mask_row + j * smn, mask=j < hi, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(keep, j, hi), 0))
+        end = tl.maximum(end, tl.max(tl.where(keep, j + 1, lo), 0))
+    return first, end
+
+
+@triton.jit
+def _clip_band(lo, mid_lo, mid_hi, hi, first, end, BLOCK: tl.constexpr):
+    """The band of `_band` cut to the blocks that hold keys of [first, end). Cuts fall on block edges, so the
+    stages keep their shape (and dropout its groups of 8 keys); an empty span gives an empty band."""
+    lo2 = tl.maximum(lo, (first // BLOCK) * BLOCK)
+    hi2 = tl.maximum(tl.minimum(hi, tl.cdiv(end, BLOCK) * BLOCK), lo2)
+    mid_lo2 = tl.minimum(tl.maximum(mid_lo, lo2), hi2)
+    mid_hi2 = tl.minimum(tl.maximum(mid_hi, mid_lo2), hi2)
+    return lo2, mid_lo2, mid_hi2, hi2
+
+
+@triton.jit
 def _dropout_keep(seed, rows, j0, n_keys, DROPOUT_P: tl.constexpr, BLOCK_N: tl.constexpr,
                   TRANSPOSED: tl.constexpr = False):
     """Counter-based keep-mask of rows x keys [j0, j0 + BLOCK_N): (len(rows), BLOCK_N), or its transpose.
@@ -191,7 +222,17 @@ def constexprs(spec, bias, mask, dtype):
     has_mask = 0 if mask is None else 2 if spec.mask_value == -math.inf else 3 if spec.fill_adds else 1
     return dict(SCALE=spec.scale, SOFTCAP=spec.softcap, LEFT=left, RIGHT=right, DROPOUT_P=spec.dropout_p,
                 HAS_BIAS=bias is not None, HAS_MASK=has_mask, RAW=raw, PRECISION=precision(dtype),
-                MASK_KEYS=mask is not None and mask.shape[2] == 1)
+                MASK_KEYS=mask is not None and mask.shape[2] == 1, SKIP_PADDING=skips_padding(spec, bias, mask))
+
+
+def skips_padding(spec, bias, mask):
+    """SKIP_PADDING: can the kernels skip the key blocks a key-padding mask hides whole and give the same answer?
+    With -inf hidden keys add nothing. With a huge finite fill they add nothing to a row that sees a kept key,
+    and a row that sees none is averaged afterwards (empty_rows="average", hidden_rows.py); under the formula's
+    own rule ("nan", "zero") such a row would average the filled keys, so those blocks stay."""
+    if mask is None or mask.shape[2] != 1 or bias is not None:
+        return False
+    return spec.mask_value == -math.inf or (spec.empty_rows == "average" and spec.mask_value <= HUGE_FILL)
 
 
 def fill_argument(spec):

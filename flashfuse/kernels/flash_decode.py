@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from flashfuse.kernels import configs
-from flashfuse.kernels.flash_common import broadcast_strides, constexprs, fill_argument
+from flashfuse.kernels.flash_common import _kept_keys, broadcast_strides, constexprs, fill_argument
 from flashfuse.kernels.flash_fwd import _fwd_epilogue, _fwd_inner, head_pad
 
 MAX_QUERIES = 16
@@ -23,9 +23,10 @@ def _decode_split_kernel(Q, K, V, Bias, Mask, Seed, OPart, MPart, LPart,
                          n_heads, group, n_queries, n_keys, chunk, mask_value,
                          SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                          DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-                         RAW: tl.constexpr, PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, D: tl.constexpr,
-                         DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):  # MASK_KEYS unused: a decode tile packs several heads' rows
+                         RAW: tl.constexpr, PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr,
+                         SKIP_PADDING: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr,
+                         HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # MASK_KEYS unused: a decode tile packs several heads' rows
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_kv_heads = n_heads // group
@@ -55,6 +56,11 @@ def _decode_split_kernel(Q, K, V, Bias, Mask, Seed, OPart, MPart, LPart,
         hi = tl.minimum(n_keys, tl.maximum(n_queries + shift + RIGHT, 0))
     lo = tl.maximum(lo, split * chunk)
     hi = tl.minimum(hi, split * chunk + chunk)
+    if SKIP_PADDING:  # the blocks that hold kept keys, when every head of the tile shares one padding row
+        if smh == 0:
+            kept_lo, kept_hi = _kept_keys(Mask + b * smb, smn, lo, hi, BLOCK_N)
+            lo = tl.maximum(lo, (kept_lo // BLOCK_N) * BLOCK_N)
+            hi = tl.minimum(hi, kept_hi)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)

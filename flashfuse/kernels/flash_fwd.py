@@ -2,7 +2,8 @@
 
 Online softmax in fp32 with exp2 and deferred normalization. The keys a query block sees split into three
 stages (flash_common._stage): masked blocks left of the fully visible band (window), the mask-free band, and
-masked blocks on the diagonal / right window edge / ragged key tail. Fully hidden key blocks are never loaded.
+masked blocks on the diagonal / right window edge / ragged key tail. Fully hidden key blocks are never loaded:
+those the structure hides, and with SKIP_PADDING those key padding hides (flash_common).
 """
 import torch
 import triton
@@ -12,8 +13,10 @@ from flashfuse.kernels import configs
 from flashfuse.kernels.flash_common import (
     LOG2E,
     _band,
+    _clip_band,
     _dot,
     _dropout_keep,
+    _kept_keys,
     _score_tile,
     _stage,
     broadcast_strides,
@@ -99,7 +102,8 @@ def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Stats,
                 n_heads, group, n_queries, n_keys, mask_value,
                 SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                 DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, RAW: tl.constexpr,
-                EMPTY_ZERO: tl.constexpr, PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, D: tl.constexpr,
+                EMPTY_ZERO: tl.constexpr, PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr,
+                SKIP_PADDING: tl.constexpr, D: tl.constexpr,
                 DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -132,6 +136,9 @@ def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Stats,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
     lo, mid_lo, mid_hi, hi = _band(m0, n_keys, shift, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    if SKIP_PADDING:  # only the blocks that hold kept keys of this batch (flash_common)
+        kept_lo, kept_hi = _kept_keys(Mask + b * smb + h * smh, smn, lo, hi, BLOCK_N)
+        lo, mid_lo, mid_hi, hi = _clip_band(lo, mid_lo, mid_hi, hi, kept_lo, kept_hi, BLOCK_N)
     for stage in tl.static_range(3):  # stage 0 holds blocks only under a window (see flash_bwd on keeping it)
         start, end = _stage(stage, lo, mid_lo, mid_hi, hi)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, i, row, start, end, K + b * skb + hkv * skh,

@@ -34,6 +34,11 @@ from dataclasses import dataclass
 
 EMPTY_ROWS = ("nan", "zero", "average")
 
+#: A fill at or below this swallows any score or bias added to it (|s| < 1e22) in fp32, bf16 and fp64, and
+#: exp(fill - row max) is 0 for any row that sees a real score: such a fill hides keys as -inf does, except in
+#: a row that sees no key at all.
+HUGE_FILL = -1e30
+
 
 @dataclass(frozen=True)
 class AttentionSpec:

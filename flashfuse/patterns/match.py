@@ -10,13 +10,14 @@ import math
 import torch
 from torch.fx import Node
 
+from flashfuse.kernels.spec import HUGE_FILL
 from flashfuse.patterns import layout, ops, sinks
 from flashfuse.patterns.chain import STACKED, chain_back, fold, obstacle, rounded
 from flashfuse.patterns.ops import classify
 from flashfuse.patterns.plan import Operand, Plan, Refuse, constant, keeps_last_two, real_users, single_user, tensor_of
 from flashfuse.patterns.products import score_product, value_product
 from flashfuse.patterns.sdpa import sdpa_plan
-from flashfuse.patterns.structure import HUGE_FILL, additive_mask, decompose
+from flashfuse.patterns.structure import additive_mask, decompose
 
 __all__ = ["Refuse", "Plan", "match_softmax", "sdpa_plan", "is_softmax", "is_attention"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -28,7 +28,6 @@ from flashfuse.patterns.ops import classify, meta
 from flashfuse.patterns.plan import constant, tensor_of
 
 _FLIPPED = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}  # a < b is b > a
-HUGE_FILL = -1e30  # an additive fill this large swallows any score (and bias) in fp32, bf16 and fp64
 
 
 @dataclass(frozen=True)
