@@ -1,7 +1,8 @@
 """Launch configurations as data: one fixed config per kernel and head-dim class, and the candidates a tuning
 run sweeps (bench/tune.py, which launches each through `override`).
 
-The fixed configs are H200 autotuning winners (bench/README.md); a launch never autotunes, so no call stalls
+The fixed configs are H200 tuning winners (bench/README.md; those for head dims over 128 from `bench/tune.py`,
+bench/results/tune-2026-12-03.json); a launch never autotunes, so no call stalls
 on compilation of configs it will not use, and the launch path stays short. The interpreter always takes
 small blocks, so short test sequences still cross block edges.
 """
@@ -24,12 +25,12 @@ INTERPRETER = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 # kind -> (config for head dims <= 128, config for larger head dims)
 FIXED = {
     "fwd": ({"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-            {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}),
+            {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),
     # dK/dV programs own BLOCK_N keys and stream BLOCK_M queries; dQ programs own BLOCK_M queries and stream keys
     "dkdv": ({"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-             {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),
+             {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),
     "dq": ({"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-           {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}),
+           {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}),
     "decode": ({"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
                {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
 }

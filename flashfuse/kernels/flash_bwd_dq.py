@@ -122,7 +122,7 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
     lo, mid_lo, mid_hi, hi = _band(m0, n_keys, shift, LEFT, RIGHT, BLOCK_M, BLOCK_N)
     if SKIP_PADDING:  # only the blocks that hold kept keys of this batch (flash_common)
-        kept_lo, kept_hi = _kept_keys(Mask + b * smb + h * smh, smn, lo, hi, BLOCK_N)
+        kept_lo, kept_hi = _kept_keys(Mask + b * smb + h * smh, smn, lo, hi)
         lo, mid_lo, mid_hi, hi = _clip_band(lo, mid_lo, mid_hi, hi, kept_lo, kept_hi, BLOCK_N)
     for stage in tl.static_range(3):
         if stage != 0 or LEFT >= 0:  # stage 0 holds blocks only under a window

@@ -33,6 +33,7 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2
 # Philox-4x32-7 for dropout, as FlashAttention's and Composable Kernel's dropout use: the fewest rounds that
 # pass TestU01's BigCrush (Salmon et al., 2011); Philox is the dropout kernels' main cost, and 10 rounds cost 3/7 more.
 PHILOX_ROUNDS: tl.constexpr = tl.constexpr(7)
+KEY_SCAN: tl.constexpr = tl.constexpr(1024)  # keys per step of `_kept_keys`
 
 
 @triton.jit
@@ -160,12 +161,14 @@ def _stage(stage: tl.constexpr, lo, mid_lo, mid_hi, hi):
 
 
 @triton.jit
-def _kept_keys(mask_row, smn, lo, hi, BLOCK: tl.constexpr):
-    """[first, end): the span of the keys in [lo, hi) that a key-padding mask row keeps (hi, lo when none)."""
+def _kept_keys(mask_row, smn, lo, hi):
+    """[first, end): the span of the keys in [lo, hi) that a key-padding mask row keeps (hi, lo when none).
+    KEY_SCAN keys a step: the scan runs before the main loop and each step waits on a load, so few wide steps
+    (one up to 1024 keys) rather than one per key block (GPT-2's forward: +17% GPU time with 64-key steps)."""
     first = hi
     end = lo
-    for start in range(lo, hi, BLOCK):
-        j = start + tl.arange(0, BLOCK)
+    for start in range(lo, hi, KEY_SCAN):
+        j = start + tl.arange(0, KEY_SCAN)
         keep = tl.load(mask_row + j * smn, mask=j < hi, other=0) != 0
         first = tl.minimum(first, tl.min(tl.where(keep, j, hi), 0))
         end = tl.maximum(end, tl.max(tl.where(keep, j + 1, lo), 0))

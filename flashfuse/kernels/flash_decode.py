@@ -58,7 +58,7 @@ def _decode_split_kernel(Q, K, V, Bias, Mask, Seed, OPart, MPart, LPart,
     hi = tl.minimum(hi, split * chunk + chunk)
     if SKIP_PADDING:  # the blocks that hold kept keys, when every head of the tile shares one padding row
         if smh == 0:
-            kept_lo, kept_hi = _kept_keys(Mask + b * smb, smn, lo, hi, BLOCK_N)
+            kept_lo, kept_hi = _kept_keys(Mask + b * smb, smn, lo, hi)
             lo = tl.maximum(lo, (kept_lo // BLOCK_N) * BLOCK_N)
             hi = tl.minimum(hi, kept_hi)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)

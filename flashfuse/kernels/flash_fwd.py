@@ -137,7 +137,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Stats,
     acc = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
     lo, mid_lo, mid_hi, hi = _band(m0, n_keys, shift, LEFT, RIGHT, BLOCK_M, BLOCK_N)
     if SKIP_PADDING:  # only the blocks that hold kept keys of this batch (flash_common)
-        kept_lo, kept_hi = _kept_keys(Mask + b * smb + h * smh, smn, lo, hi, BLOCK_N)
+        kept_lo, kept_hi = _kept_keys(Mask + b * smb + h * smh, smn, lo, hi)
         lo, mid_lo, mid_hi, hi = _clip_band(lo, mid_lo, mid_hi, hi, kept_lo, kept_hi, BLOCK_N)
     for stage in tl.static_range(3):  # stage 0 holds blocks only under a window (see flash_bwd on keeping it)
         start, end = _stage(stage, lo, mid_lo, mid_hi, hi)
