@@ -2,7 +2,7 @@
 processes): `flashfuse.attention` forward and forward + backward, wall and GPU kernel time per call.
 
     python bench/ab.py 83ba1ec                  # this tree (new) against commit 83ba1ec (old)
-    python bench/ab.py 83ba1ec --shapes gpt2    # only the shapes whose name contains "gpt2"
+    python bench/ab.py 83ba1ec --shapes gpt2 d256   # only the shapes whose name contains "gpt2" or "d256"
     python bench/ab.py --prepare 83ba1ec .ab    # on a machine without git: write the old package first ...
     python bench/ab.py .ab                      # ... and compare against that folder
 
@@ -38,6 +38,7 @@ SHAPES = {
     "4x16x4096 d128 c": (4, 16, 16, 4096, 4096, 128, True),
     "gqa 4x16/4x4096 d128 c": (4, 16, 4, 4096, 4096, 128, True),
     "1x16x16384 d128 c": (1, 16, 16, 16384, 16384, 128, True),
+    "2x16x4096 d256 nc": (2, 16, 16, 4096, 4096, 256, False),
     "2x16x4096 d256 c": (2, 16, 16, 4096, 4096, 256, True),
     "gpt2 8x12x1024 d64 c keypad row0": (8, 12, 12, 1024, 1024, 64, True, 0.0, "row0"),
     "gpt2 8x12x1024 d64 c keypad all": (8, 12, 12, 1024, 1024, 64, True, 0.0, "all"),
@@ -127,7 +128,7 @@ def main():
     parser.add_argument("commit", help="a commit, or a folder written by --prepare")
     parser.add_argument("folder", nargs="?", help="with --prepare: where to write the old package")
     parser.add_argument("--prepare", action="store_true", help="only write the old package into `folder`")
-    parser.add_argument("--shapes", default="", help="only shapes whose name contains this")
+    parser.add_argument("--shapes", nargs="+", default=[""], help="only shapes whose name contains one of these")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--kernels", action="store_true", help="also each side's GPU time per kernel")
     args = parser.parse_args()
@@ -140,7 +141,7 @@ def main():
           "| fwd+bwd gpu old / new | fwd+bwd host old / new |")
     print("|---|---|---|---|---|---|---|")
     for name, shape in SHAPES.items():
-        if args.shapes not in name:
+        if not any(part in name for part in args.shapes):
             continue
         best = {"old": {}, "new": {}}
         for _ in range(args.rounds):
