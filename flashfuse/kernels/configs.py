@@ -2,7 +2,7 @@
 run sweeps (bench/tune.py, which launches each through `override`).
 
 The fixed configs are H200 tuning winners (bench/README.md; those for head dims over 128 from `bench/tune.py`,
-bench/results/tune-2026-12-03.json); a launch never autotunes, so no call stalls
+bench/results/tune-d256-2026-12-03.json); a launch never autotunes, so no call stalls
 on compilation of configs it will not use, and the launch path stays short. The interpreter always takes
 small blocks, so short test sequences still cross block edges.
 """
