@@ -15,7 +15,7 @@ from flashfuse.kernels.spec import AttentionSpec
 from flashfuse.patterns import ops, rewrite
 from flashfuse.patterns.inplace import functionalize_inplace
 from flashfuse.patterns.match import Refuse, is_attention, is_softmax, match_softmax, sdpa_plan
-from flashfuse.patterns.ops import classify
+from flashfuse.patterns.ops import classify, meta
 
 log = logging.getLogger("flashfuse")
 
@@ -50,12 +50,12 @@ class Site:
         return " ".join([self.spec.describe(), *extra])
 
 
-def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True, _prefix: str = "", _call=None) -> list:
+def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True, _prefix: str = "", _call=None, _depth=0) -> list:
     """Rewrite gm in place; return a Site for every softmax and SDPA call found. Subgraphs that gm calls (the
     body of activation checkpointing, of a cond or a wrapper) are rewritten too, each on its own."""
     backup, call_args = _copy_graph(gm.graph), _call.args if _call is not None else None
     try:
-        sites = _rewrite(gm, sdpa, _prefix, _call)
+        sites = _rewrite(gm, sdpa, _prefix, _call, _depth)
         gm.graph.lint()
         gm.recompile()
     except Exception as exc:  # the pass must never break the user's compilation
@@ -64,11 +64,12 @@ def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True, _prefix: str = ""
         gm.recompile()
         if _call is not None:
             _call.args = call_args  # operands this graph imported from its caller
+            _drop_seeds(_call.graph)
         sites = [Site(_prefix + n.name, "softmax", False, f"internal error: {exc!r}") for n in gm.graph.nodes
                  if is_softmax(n)]
     subgraphs = _subgraphs(gm)
     for name, sub, call in subgraphs:
-        sites += rewrite_graph(sub, sdpa, f"{_prefix}{name}.", call)
+        sites += rewrite_graph(sub, sdpa, f"{_prefix}{name}.", call, _depth + 1)
     if subgraphs:
         gm.recompile()  # a subgraph may have taken a new operand from its call here
     return sites
@@ -115,7 +116,37 @@ def _import_operands(graph, plan, call):
         plan.masks[i] = (placeholder, keep, layout)
 
 
-def _rewrite(gm, sdpa, prefix="", call=None):
+def _import_seed(graph, plan, call, depth):
+    """A dropout site inside a subgraph gets its seed from the calling graph, as one more operand of the call: a
+    checkpointed body is run again for the backward, and the rerun must draw the mask the forward drew. A seed
+    passed in is the same tensor on both runs; one drawn inside would be drawn again. Only a body the top-level
+    graph calls (deeper, the caller may itself be rerun)."""
+    if call is None or depth != 1:
+        raise Refuse("dropout inside a subgraph that the top-level graph does not call as body(*operands): a "
+                     "rerun of the subgraph would draw another dropout mask")
+    device = meta(plan.q.node).device
+    like = next((a for a in call.args[1:] if isinstance(meta(a), torch.Tensor) and meta(a).device == device), None)
+    if like is None:
+        raise Refuse(f"dropout inside a subgraph whose call passes no tensor on {device} to draw its seed beside")
+    with call.graph.inserting_before(call):
+        seed = call.graph.call_function(flash_op.new_seed, (like,))
+    seed.meta["example_value"] = rewrite.fake_value(flash_op.new_seed, like)
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(inputs[-1]):
+        placeholder = graph.placeholder(f"flashfuse_seed_{plan.output.name}")
+    placeholder.meta["example_value"] = seed.meta["example_value"]
+    call.args = (*call.args, seed)
+    plan.seed = placeholder
+
+
+def _drop_seeds(graph):
+    """Seeds _import_seed drew in `graph` for a subgraph whose rewrite was undone."""
+    for node in list(graph.nodes):
+        if node.target is flash_op.new_seed and not node.users:
+            graph.erase_node(node)
+
+
+def _rewrite(gm, sdpa, prefix="", call=None, depth=0):
     functionalize_inplace(gm.graph)
     sites = []
     for node in list(gm.graph.nodes):
@@ -125,13 +156,20 @@ def _rewrite(gm, sdpa, prefix="", call=None):
         site = Site(prefix + node.name, op.kind, False, shape=_shape(node))
         try:
             plan = match_softmax(node) if op.kind == "softmax" else sdpa_plan(node)
-            if prefix and plan.spec.random:
-                raise Refuse("dropout inside a subgraph (activation checkpointing recomputes it, and a recomputed "
-                             "dropout must draw the same mask; not proven here)")
             _import_operands(gm.graph, plan, call)
             site.spec, site.operands = plan.spec, plan.operands()
             site.path = _path(plan)
-            rewrite.apply(gm.graph, plan)
+            args = call.args if call is not None else None
+            if depth and plan.spec.random:
+                _import_seed(gm.graph, plan, call, depth)
+            try:
+                rewrite.apply(gm.graph, plan)
+            except Refuse:
+                if plan.seed is not None:  # the seed's operand and placeholder go with the refused rewrite
+                    call.args = args
+                    _drop_seeds(call.graph)
+                    gm.graph.erase_node(plan.seed)
+                raise
             site.rewritten = True
             log.info("flashfuse: rewrote %s %s as %s", op.kind, site.node, site.describe())
         except Refuse as why:

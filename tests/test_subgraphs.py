@@ -60,10 +60,73 @@ def test_checkpointed_decoder_without_a_mask_is_causal():
     _assert_equal_to_eager(model, inputs)
 
 
-def test_dropout_inside_activation_checkpointing_is_left_alone_with_the_reason():
-    """A recomputed dropout must draw the mask the forward drew; not proven for the op's seed, so fail closed."""
-    model = _checkpoint(models.gpt2_lm(dropout=0.1), dropout=True)
+def _rewritten_graphs(model, **inputs):
+    """The top-level graphs Dynamo hands the backend, after the pass (each with its subgraphs)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        flashfuse.passes.rewrite_graph(gm)
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(**inputs)
+    return graphs
+
+
+def test_dropout_inside_activation_checkpointing_takes_its_seed_from_the_caller():
+    """A checkpointed block runs again for the backward, and the rerun must drop what the forward dropped: the
+    block's op reads its dropout seed from a new input, drawn once in the calling graph."""
+    model = _checkpoint(models.gpt2_lm(attn_pdrop=0.1), dropout=True)
     ids = torch.randint(0, models.VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     report = flashfuse.explain(model, input_ids=ids, attention_mask=models.padding_mask(2, 16))
-    assert report.sites and not any(s.rewritten for s in report.sites)
-    assert all("dropout inside a subgraph" in s.reason for s in report.sites)
+    assert len(report.sites) == 2 and all(s.rewritten and s.spec.dropout_p == 0.1 for s in report.sites)
+    (top,) = [g for g in _rewritten_graphs(model, input_ids=ids) if flashfuse.passes._subgraphs(g)]
+    drawn = [n for n in top.graph.nodes if n.target is flashfuse.kernels.op.new_seed]
+    assert len(drawn) == 2 and all(len(n.users) == 1 and next(iter(n.users)).args[0].op == "get_attr"
+                                   for n in drawn)  # each passed to a checkpoint call
+    for name, sub, _ in flashfuse.passes._subgraphs(top):
+        fused = [n for n in sub.graph.nodes if n.target is torch.ops.flashfuse.fwd.default]
+        assert len(fused) == 1 and fused[0].args[5].op == "placeholder", name  # the seed: an input of the block
+        assert not any(n.target is flashfuse.kernels.op.new_seed for n in sub.graph.nodes)
+
+
+def test_dropout_inside_activation_checkpointing_trains_one_function():
+    """float64, dropout 0.5 on the attention weights only, under a fixed torch seed: the checkpointed model's
+    gradients are the derivative of the loss its forward computes (a central difference along a random direction
+    agrees to 1e-6), and equal the same model's without checkpointing (the seeds are drawn in the same order).
+    Without a padding mask: a fully padded row's finite fill swallows its scores in the forward but not in autograd,
+    so a central difference would not see their gradient."""
+    ids = torch.randint(0, models.VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    cotangent = torch.randn(2, 16, models.VOCAB, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def loss_and_grads(checkpoint):
+        model = models.gpt2_lm(attn_pdrop=0.5).double()
+        model = models.checkpointed(model) if checkpoint else model
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="flashfuse")
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def loss(seed=0):
+            torch.manual_seed(seed)  # the same dropout seeds on every call
+            return (compiled(input_ids=ids).logits * cotangent).sum()
+        value = loss()
+        return loss, params, value, torch.autograd.grad(value, params)
+
+    loss, params, value, grads = loss_and_grads(checkpoint=True)
+    direction = [torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(i))
+                 for i, p in enumerate(params)]
+    eps = 1e-6
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(d, alpha=eps)
+        plus = loss()
+        for p, d in zip(params, direction):
+            p.add_(d, alpha=-2 * eps)
+        minus = loss()
+        for p, d in zip(params, direction):
+            p.add_(d, alpha=eps)
+    slope = sum((g * d).sum() for g, d in zip(grads, direction))
+    assert abs((plus - minus) / (2 * eps) - slope) < 1e-6 * abs(slope)
+    _, _, plain_value, plain_grads = loss_and_grads(checkpoint=False)
+    assert relative_error(value, plain_value) < 1e-12 and gradients_error(grads, plain_grads) < 1e-10
+    assert relative_error(loss(seed=1), value) > 1e-3  # dropout is on: other seeds, other masks

@@ -44,6 +44,7 @@ class Plan:
     stacked: tuple = None  # a bias term added after a finite mask fill (chain.fold; match._take_stacked)
     halved_ties: bool = False  # torch.max(scores, finfo.min) after a bias: tied scores get half their gradient
     bypass: list = field(default_factory=list)  # scalar mul/div nodes on q/k folded into `scale`
+    seed: Node = None  # the dropout seed, when drawn outside this graph (passes._import_seed); else drawn here
     chain: list = field(default_factory=list)  # nodes made dead by the rewrite
 
     def update(self, **changes):

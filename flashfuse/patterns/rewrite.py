@@ -52,6 +52,11 @@ def _value(fn, args, kwargs, method):
         return fn(*args, **kwargs)
 
 
+def fake_value(fn, *args):
+    """fn's result on the fake values of its node arguments: the metadata a new node gets."""
+    return _value(fn, args, {}, False)
+
+
 def _size(b, node, dim):
     n = meta(node).shape[dim]
     return n if isinstance(n, int) else b("size", node, dim, method=True)
@@ -204,7 +209,7 @@ def _build(b, plan):  # noqa: C901  (one step per operand; kept in order)
     full = (shape_of(q)[0], shape_of(q)[1], shape_of(q)[2], shape_of(k)[2])
     bias = _combined_bias(b, plan, full)
     mask = _combined_mask(b, plan, full)
-    seed = b(flash_op.new_seed, q) if plan.spec.random else None
+    seed = plan.seed if plan.seed is not None else b(flash_op.new_seed, q) if plan.spec.random else None
     fused = b(torch.ops.flashfuse.fwd.default, q, k, v, bias, mask, seed, plan.spec.encode())
     out = b(operator.getitem, fused, 0)
     if plan.sink is not None:
