@@ -26,6 +26,7 @@ ARGS.add_argument("--shapes", default="all", help="timing shapes: all, or main (
 OPTS = ARGS.parse_args()
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import fp8_accuracy  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
@@ -35,7 +36,7 @@ import flashfuse  # noqa: E402
 from flashfuse.kernels import flash  # noqa: E402
 from flashfuse.kernels.reference import oracle, oracle_gradients  # noqa: E402
 from flashfuse.kernels.spec import AttentionSpec  # noqa: E402
-from flashfuse.tolerances import FORWARD, GRADIENT, TF32, relative_error  # noqa: E402
+from flashfuse.tolerances import FORWARD, FP8_FORWARD, GRADIENT, TF32, relative_error  # noqa: E402
 
 DEV = "cuda"
 MIN = torch.finfo(torch.float32).min
@@ -144,6 +145,39 @@ SANITIZE = [(name, dict(kw, dtype=torch.float32)) for name, kw in [
     ("san decode", dict(b=2, hq=8, hkv=2, nq=3, nk=1000, d=128, causal=True, bias=(2, 1, 3, 1000))),
     ("san d256", dict(b=1, hq=1, hkv=1, nq=100, nk=100, d=256, causal=True)),
 ]]
+
+
+FP8_CASES = [  # (name, B, Hq, Hkv, N, D, causal, key-padding left pad of batch 0 or 0, softcap)
+    ("fp8 2x8/2x4096 d128", 2, 8, 2, 4096, 128, False, 0, 0.0),
+    ("fp8 1x4x8192 d128 causal", 1, 4, 4, 8192, 128, True, 0, 0.0),
+    ("fp8 2x4x2048 d64 causal keypad softcap", 2, 4, 4, 2048, 64, True, 300, 30.0),
+    ("fp8 1x4x2048 d256", 1, 4, 4, 2048, 256, False, 0, 0.0),
+]
+
+
+def check_fp8(name, b, hq, hkv, n, d, causal, left_pad, softcap):
+    """The FP8 forward (plain and incoherent) against the float64 oracle: within FP8_FORWARD on random inputs, and
+    on outlier channels the rotation must lower the error (bench/fp8_accuracy.py has the same inputs)."""
+    errs = {}
+    for outliers in (False, True):
+        q, k, v, scale = fp8_accuracy.inputs(b, hq, hkv, n, d, outliers, DEV)
+        mask = None
+        if left_pad:
+            mask = torch.ones(b, 1, 1, n, dtype=torch.bool, device=DEV)
+            mask[0, ..., :left_pad] = False
+        spec = AttentionSpec(scale=scale, causal=causal, softcap=softcap, empty_rows="zero")
+        want, _ = oracle(q.double(), k.double(), v.double(), spec, mask=mask)
+        for mode in ("plain", "incoherent"):
+            with torch.no_grad():
+                out = flashfuse.attention(q, k, v, scale=scale, mask=mask, causal=causal, softcap=softcap or None,
+                                          empty_rows="zero", fp8=mode)
+            errs[("outliers " if outliers else "") + mode] = _err(out, want)
+        del want
+    ok = errs["plain"] < FP8_FORWARD and errs["incoherent"] < FP8_FORWARD \
+        and errs["outliers incoherent"] < errs["outliers plain"]
+    print(f"{'ok ' if ok else 'BAD'} {name:<34} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+    torch.cuda.empty_cache()
+    return ok
 
 
 # -- timing ------------------------------------------------------------------------------------------------------
@@ -259,7 +293,11 @@ def main():
     edges = [] if OPTS.bench_only or OPTS.sanitize else [e for e in EDGES if OPTS.only in e[0]]
     for edge in edges:
         bad += not check_edge(*edge)
-    print(f"correctness: {len(cases) + len(edges) - bad}/{len(cases) + len(edges)} ok", flush=True)
+    fp8_cases = [] if OPTS.bench_only or OPTS.sanitize else [c for c in FP8_CASES if OPTS.only in c[0]]
+    for case in fp8_cases:
+        bad += not check_fp8(*case)
+    total = len(cases) + len(edges) + len(fp8_cases)
+    print(f"correctness: {total - bad}/{total} ok", flush=True)
     if OPTS.sanitize or OPTS.no_bench:
         return bad
     torch.backends.cuda.matmul.allow_tf32 = False

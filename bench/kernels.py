@@ -8,7 +8,8 @@ Rows (one per implementation and shape): fwd and bwd wall ms (p20 / p50 / p80 of
 kernel ms per call (torch.profiler), TFLOP/s from the p50 wall time, and host ms per call. `flashfuse` runs
 through its public function, `flashfuse.attention`, so its host cost is in the wall time as it is for SDPA;
 `flashfuse_compiled` is an SDPA call compiled with backend="flashfuse", the kernels launched from inductor's
-code as in a compiled model. bwd = (fwd + bwd) - fwd for every implementation.
+code as in a compiled model; `flashfuse_fp8` the public function with fp8=True (forward rows only: inference).
+bwd = (fwd + bwd) - fwd for every other implementation.
 
 FLOPs (counting multiply-adds as 2): forward 4 * B * Hq * Nq * Nk * D, halved when causal (half the pairs are
 visible); backward 2.5 x forward (dQ, dK, dV and the recomputed scores). Decode rows report TB/s: the K/V bytes
@@ -32,7 +33,8 @@ import flashfuse  # noqa: E402
 DEV = "cuda"
 SDPA = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
         "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
-IMPLS = ["flashfuse", "flashfuse_compiled", *SDPA, "flex"]
+IMPLS = ["flashfuse", "flashfuse_compiled", "flashfuse_fp8", *SDPA, "flex"]
+FORWARD_ONLY = {"flashfuse_fp8"}  # inference paths: forward rows only
 
 
 def attention_fn(impl, q, k, v, causal, bias=None):
@@ -40,6 +42,8 @@ def attention_fn(impl, q, k, v, causal, bias=None):
     gqa = q.shape[1] != k.shape[1]
     if impl == "flashfuse":
         return lambda: flashfuse.attention(q, k, v, causal=causal, bias=bias)
+    if impl == "flashfuse_fp8":  # e4m3 q, k, v after the Hadamard rotation of q and k; bf16 out
+        return lambda: flashfuse.attention(q, k, v, causal=causal, bias=bias, fp8=True)
     if impl == "flashfuse_compiled":  # an SDPA call compiled with backend="flashfuse": what a model's graph runs
         def sdpa(q, k, v, bias):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, enable_gqa=gqa)
@@ -76,6 +80,8 @@ def measure(impl, b, h, hkv, n, d, causal, bias=False, dtype=torch.bfloat16):
     bias_t = torch.randn(b, 1, n, n, device=DEV, dtype=dtype, requires_grad=True) if bias else None
     leaves = [t for t in (q, k, v, bias_t) if t is not None]
     row = dict(impl=impl, B=b, H=h, Hkv=hkv, N=n, D=d, causal=causal, bias=bias, dtype=str(dtype).split(".")[-1])
+    if impl in FORWARD_ONLY:
+        return _measure_forward(impl, row, q.detach(), k.detach(), v.detach(), causal, bias_t)
     try:
         fwd = attention_fn(impl, q, k, v, causal, bias_t)
         out = fwd()
@@ -93,6 +99,22 @@ def measure(impl, b, h, hkv, n, d, causal, bias=False, dtype=torch.bfloat16):
                fwd_bwd_host_ms=timing.host_ms(both))
     row.update(fwd_tflops=flops / f50 * 1e-9, bwd_tflops=2.5 * flops / max(a50 - f50, 1e-9) * 1e-9)
     return row
+
+
+def _measure_forward(impl, row, q, k, v, causal, bias):
+    """A forward-only row (no backward: bwd fields None)."""
+    b, h, n, d = q.shape
+    try:
+        fwd = attention_fn(impl, q, k, v, causal, None if bias is None else bias.detach())
+        with torch.no_grad():
+            fwd()
+            f20, f50, f80 = timing.wall_ms(fwd)
+            f_gpu, host = timing.gpu_ms(fwd), timing.host_ms(fwd)
+    except Exception as exc:
+        return dict(row, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
+    return dict(row, fwd_ms=f50, fwd_ms_p20=f20, fwd_ms_p80=f80, fwd_gpu_ms=f_gpu, fwd_host_ms=host,
+                fwd_tflops=flops / f50 * 1e-9, bwd_ms=None, bwd_gpu_ms=None, fwd_bwd_host_ms=None, bwd_tflops=None)
 
 
 def measure_decode(impl, b, h, hkv, nk, d, dtype=torch.bfloat16):
@@ -129,6 +151,10 @@ def show(row):
         print(f"| {row['impl']:<14} | {_shape(row):<24} | wall {row['fwd_ms'] * 1e3:7.1f} us | gpu "
               f"{row['fwd_gpu_ms'] * 1e3:7.1f} us | host {row['fwd_host_ms'] * 1e3:6.1f} us | {row['tbps']:.2f} TB/s |",
               flush=True)
+        return
+    if row.get("bwd_ms") is None:
+        print(f"| {row['impl']:<14} | {_shape(row):<24} | fwd {row['fwd_ms']:7.3f} ms {row['fwd_tflops']:4.0f} TF/s "
+              f"gpu {row['fwd_gpu_ms']:7.3f} | bwd — | host fwd {row['fwd_host_ms']:.3f} ms |", flush=True)
         return
     print(f"| {row['impl']:<14} | {_shape(row):<24} | fwd {row['fwd_ms']:7.3f} ms {row['fwd_tflops']:4.0f} TF/s "
           f"gpu {row['fwd_gpu_ms']:7.3f} | bwd {row['bwd_ms']:7.3f} ms {row['bwd_tflops']:4.0f} TF/s gpu "

@@ -26,7 +26,8 @@ def plot(path):
             ax = axes[row][col]
             for impl in impls:
                 points = sorted((r["N"], r[f"{what}_tflops"]) for r in rows
-                                if r["impl"] == impl and r["D"] == d and r["causal"] == causal)
+                                if r["impl"] == impl and r["D"] == d and r["causal"] == causal
+                                and r.get(f"{what}_tflops") is not None)  # FP8 rows have no backward
                 if points:
                     ax.plot(*zip(*points), marker="o", label=impl, linewidth=2.5 if impl == "flashfuse" else 1.2)
             ax.set_xscale("log", base=2)

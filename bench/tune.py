@@ -35,7 +35,7 @@ import flashfuse  # noqa: E402
 from flashfuse.kernels import configs  # noqa: E402
 from flashfuse.tolerances import GRADIENT, relative_error  # noqa: E402
 
-KERNELS = {"fwd": "_fwd_kernel", "dq": "_dq_kernel", "dkdv": "_dkdv_kernel"}
+KERNELS = {"fwd": "_fwd_kernel", "dq": "_dq_kernel", "dkdv": "_dkdv_kernel", "fp8": "_fp8_fwd_kernel"}
 
 
 def _label(cfg):
@@ -54,7 +54,9 @@ def compile_only(kinds, dims):
                 fixed = configs.default(kind, d)
                 for cfg in configs.candidates(kind, d):
                     with configs.override(kind, cfg):
-                        recorded = ck.launches(1, 2, 2, 512, 512, d, torch.bfloat16, fields, None, None)
+                        recorded = ck.launches(1, 2, 2, 512, 512, d, torch.bfloat16,
+                                               {**fields, "fp8": "incoherent"} if kind == "fp8" else fields, None,
+                                               None)
                     kernel, args, kwargs = next(r for r in recorded if r[0].fn.__name__ == KERNELS[kind])
                     sig, constants, attrs, options = ck.signature(kernel, args, kwargs)
                     try:
@@ -78,9 +80,12 @@ def sweep(kinds, dims, n, causals):
     for d in dims:
         for causal in causals:
             b, h = max(1, 16 * 1024 // n), 16
-            run = _problem(b, h, n, d, causal)
-            expected = run()
+            problems = {}  # fp8 or not -> (run, its result with the fixed configs)
             for kind in kinds:
+                if (kind == "fp8") not in problems:
+                    run = _problem(b, h, n, d, causal, fp8=kind == "fp8")
+                    problems[kind == "fp8"] = run, run()
+                run, expected = problems[kind == "fp8"]
                 fixed = configs.default(kind, d)
                 base = None  # the fixed config's time, measured first
                 for cfg in [fixed] + [c for c in configs.candidates(kind, d) if c != fixed]:
@@ -108,11 +113,15 @@ def sweep(kinds, dims, n, causals):
     return rows
 
 
-def _problem(b, h, n, d, causal):
-    """fn() -> (out, dq, dk, dv) of one bf16 forward + backward on fresh random inputs."""
+def _problem(b, h, n, d, causal, fp8=False):
+    """fn() -> (out, dq, dk, dv) of one bf16 forward + backward on fresh random inputs; with fp8, (out,) of the
+    FP8 forward (the kernel kind "fp8" has no backward)."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=not fp8)
+               for _ in range(3))
     dout = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
+    if fp8:
+        return lambda: (flashfuse.attention(q, k, v, causal=causal, fp8=True),)
 
     def run():
         out = flashfuse.attention(q, k, v, causal=causal)

@@ -8,6 +8,9 @@ Options (all optional; keys that are not flashfuse's go to inductor as config pa
         through AOTAutograd without inductor (training still works).
     rewrite: True (default); False compiles the graph untouched, for A/B comparisons.
     sdpa: True (default) also routes existing F.scaled_dot_product_attention calls to the op.
+    fp8: False (default); True runs the sites of graphs that need no gradient in FP8 (flashfuse.attention's
+        fp8=True: q, k, v quantized to e4m3 after a random Hadamard rotation of q and k). A graph that needs
+        gradients, and a site with a bias, keep their dtype; `explain` says so per site.
 `mode` ("default", "reduce-overhead", "max-autotune", ...) is forwarded to inductor.
 """
 import logging
@@ -18,7 +21,7 @@ from flashfuse.passes import rewrite_graph
 
 log = logging.getLogger("flashfuse")
 
-DEFAULTS = {"compiler": "inductor", "rewrite": True, "sdpa": True}
+DEFAULTS = {"compiler": "inductor", "rewrite": True, "sdpa": True, "fp8": False}
 COMPILERS = ("inductor", "eager")
 
 
@@ -28,7 +31,7 @@ def split_options(options):
     ours = {key: options.pop(key, default) for key, default in DEFAULTS.items()}
     if ours["compiler"] not in COMPILERS:
         raise ValueError(f"options['compiler'] must be one of {COMPILERS}, got {ours['compiler']!r}")
-    for key in ("rewrite", "sdpa"):
+    for key in ("rewrite", "sdpa", "fp8"):
         if not isinstance(ours[key], bool):
             raise ValueError(f"options[{key!r}] must be a bool, got {ours[key]!r}")
     return ours, options
@@ -38,7 +41,8 @@ def flashfuse_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, optio
     """A torch.compile backend: rewrites every provable attention site, then compiles the graph."""
     ours, inductor_options = split_options(options)
     if ours["rewrite"]:
-        sites = rewrite_graph(gm, sdpa=ours["sdpa"])
+        fp8 = ours["fp8"] and ("the graph needs gradients" if _needs_grad(example_inputs) else True)
+        sites = rewrite_graph(gm, sdpa=ours["sdpa"], fp8=fp8)
         for listener in list(_LISTENERS):
             listener(sites)
     if ours["compiler"] == "eager":
@@ -49,6 +53,11 @@ def flashfuse_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, optio
     patches = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
     patches.update(inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def _needs_grad(example_inputs):
+    """Will this graph run a backward? Grad mode on and an input (a parameter, say) that requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
 # explain() listens here for the sites each compiled graph produced

@@ -1,4 +1,5 @@
 """`flashfuse.explain`: which attention sites a model has, which were rewritten, and why not."""
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -39,8 +40,9 @@ class Report:
         return "\n".join(lines)
 
 
-def explain(model, *args, **kwargs) -> Report:
-    """Compile `model` with flashfuse, run it once on the given inputs, and report every site.
+def explain(model, *args, options=None, **kwargs) -> Report:
+    """Compile `model` with flashfuse, run it once on the given inputs, and report every site. `options` are the
+    backend's (`{"fp8": True}`, say); the report's run always uses `compiler="eager"`.
 
     It resets Dynamo's caches first (torch._dynamo.reset()), so that every graph is traced and reported: functions
     compiled before recompile on their next call.
@@ -58,12 +60,12 @@ def explain(model, *args, **kwargs) -> Report:
     backend._LISTENERS.append(listener)
     try:
         torch._dynamo.reset()  # graphs cached for an earlier model of the same code would be reused, unreported
-        compiled = torch.compile(model, backend=_explain_backend)
+        compiled = torch.compile(model, backend=functools.partial(_explain_backend, options=options))
         compiled(*args, **kwargs)
     finally:
         backend._LISTENERS.remove(listener)
     return report
 
 
-def _explain_backend(gm, example_inputs):
-    return backend.flashfuse_backend(gm, example_inputs, options={"compiler": "eager"})
+def _explain_backend(gm, example_inputs, options=None):
+    return backend.flashfuse_backend(gm, example_inputs, options={**(options or {}), "compiler": "eager"})

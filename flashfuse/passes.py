@@ -32,6 +32,7 @@ class Site:
     shape: Optional[tuple] = None
     path: tuple = ("triton", "")  # (implementation the op will run, why when it is not the Triton kernels)
     attention: bool = True  # False: a softmax with no q.kT product before it and no p.v product after (a router)
+    note: str = ""  # on a rewritten site: why an option asked for does not apply (fp8 off: ...)
 
     def describe(self):
         """The spec and operands in short text, e.g. `scale=0.125 causal key_padding gqa=4`: the mask as found is
@@ -47,15 +48,19 @@ class Site:
             extra.append(f"[mask {note}]")
         if self.operands.get("gqa", 1) > 1:
             extra.append(f"gqa={self.operands['gqa']}")
+        if self.note:
+            extra.append(f"[{self.note}]")
         return " ".join([self.spec.describe(), *extra])
 
 
-def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True, _prefix: str = "", _call=None, _depth=0) -> list:
+def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True, fp8=False, _prefix: str = "", _call=None,
+                  _depth=0) -> list:
     """Rewrite gm in place; return a Site for every softmax and SDPA call found. Subgraphs that gm calls (the
-    body of activation checkpointing, of a cond or a wrapper) are rewritten too, each on its own."""
+    body of activation checkpointing, of a cond or a wrapper) are rewritten too, each on its own. fp8: True runs
+    the sites in FP8 where they can (no bias, no dropout); a string says why none can (the graph needs gradients)."""
     backup, call_args = _copy_graph(gm.graph), _call.args if _call is not None else None
     try:
-        sites = _rewrite(gm, sdpa, _prefix, _call, _depth)
+        sites = _rewrite(gm, sdpa, fp8, _prefix, _call, _depth)
         gm.graph.lint()
         gm.recompile()
     except Exception as exc:  # the pass must never break the user's compilation
@@ -69,7 +74,7 @@ def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True, _prefix: str = ""
                  if is_softmax(n)]
     subgraphs = _subgraphs(gm)
     for name, sub, call in subgraphs:
-        sites += rewrite_graph(sub, sdpa, f"{_prefix}{name}.", call, _depth + 1)
+        sites += rewrite_graph(sub, sdpa, fp8, f"{_prefix}{name}.", call, _depth + 1)
     if subgraphs:
         gm.recompile()  # a subgraph may have taken a new operand from its call here
     return sites
@@ -146,7 +151,18 @@ def _drop_seeds(graph):
             graph.erase_node(node)
 
 
-def _rewrite(gm, sdpa, prefix="", call=None, depth=0):
+def _fp8(plan, fp8):
+    """Put the plan in FP8 when asked and it can run there; else the note that says why not."""
+    if not fp8:
+        return ""
+    why = fp8 if isinstance(fp8, str) else "a bias" if plan.bias else "dropout" if plan.spec.random else ""
+    if why:
+        return f"fp8 off: {why}"
+    plan.update(fp8="incoherent")
+    return ""
+
+
+def _rewrite(gm, sdpa, fp8=False, prefix="", call=None, depth=0):
     functionalize_inplace(gm.graph)
     sites = []
     for node in list(gm.graph.nodes):
@@ -157,6 +173,7 @@ def _rewrite(gm, sdpa, prefix="", call=None, depth=0):
         try:
             plan = match_softmax(node) if op.kind == "softmax" else sdpa_plan(node)
             _import_operands(gm.graph, plan, call)
+            site.note = _fp8(plan, fp8)
             site.spec, site.operands = plan.spec, plan.operands()
             site.path = _path(plan)
             args = call.args if call is not None else None

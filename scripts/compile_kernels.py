@@ -28,7 +28,7 @@ from flashfuse.kernels import configs, flash  # noqa: E402
 from flashfuse.kernels.spec import AttentionSpec  # noqa: E402
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
-          torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "u8"}
+          torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "u8", torch.float8_e4m3fn: "fp8e4nv"}
 
 # name: (B, Hq, Hkv, Nq, Nk, D, dtype, spec fields (and dlse=True: a logsumexp gradient), bias shape, mask shape)
 CASES = {
@@ -57,6 +57,13 @@ CASES = {
                          dict(mask_value=-3.4e38, empty_rows="average", fill_adds=True), None, (1, 1, 1, 200)),
     "key padding d256 decode": (2, 8, 2, 4, 3000, 256, torch.bfloat16,
                                 dict(mask_value=-3.4e38, empty_rows="average", fill_adds=True), None, (2, 1, 1, 3000)),
+    "fp8 d128": (2, 4, 4, 300, 300, 128, torch.bfloat16, dict(fp8="incoherent"), None, None),
+    "fp8 plain causal d64": (2, 4, 4, 300, 300, 64, torch.bfloat16, dict(fp8="plain", causal=True), None, None),
+    "fp8 key padding gqa softcap d128": (2, 8, 2, 300, 300, 128, torch.bfloat16,
+                                         dict(fp8="incoherent", causal=True, softcap=30.0, mask_value=-3.4e38,
+                                              empty_rows="average"), None, (2, 1, 1, 300)),
+    "fp8 d256 window": (1, 4, 4, 300, 300, 256, torch.bfloat16, dict(fp8="incoherent", window=(100, 0)), None,
+                        None),
 }
 
 
@@ -77,7 +84,7 @@ def launches(b, hq, hkv, nq, nk, d, dtype, fields, bias_shape, mask_shape):
     seed = torch.zeros(1, dtype=torch.int64) if spec.dropout_p else None
     flash.forward(q, k, v, bias, mask, seed, spec, launch=record)
     out, stats = torch.zeros(b, hq, nq, dv, dtype=dtype), torch.zeros(2, b, hq, nq)
-    if nq > 16:  # the backward, unless this is a decode case
+    if nq > 16 and not spec.fp8:  # the backward, unless this is a decode case or FP8 (forward only)
         flash.backward(out, q, k, v, bias, mask, seed, out, stats, spec, bias is not None, launch=record, dlse=dlse)
     return recorded
 

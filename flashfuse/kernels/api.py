@@ -5,7 +5,7 @@ Under torch.compile, with tensor subclasses or with a dispatch mode active it ca
 the implementation directly through a small autograd.Function: the same kernels and results, without
 torch.library's Python dispatch layers (tens of microseconds per call, which short attention calls notice).
 """
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -16,7 +16,8 @@ from flashfuse.kernels.spec import AttentionSpec
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, bias: Optional[Tensor] = None,
               mask: Optional[Tensor] = None, causal: bool = False, window: Optional[tuple] = None,
-              softcap: Optional[float] = None, dropout_p: float = 0.0, empty_rows: str = "nan") -> Tensor:
+              softcap: Optional[float] = None, dropout_p: float = 0.0, empty_rows: str = "nan",
+              fp8: Union[bool, str] = False) -> Tensor:
     r"""Fused scaled dot-product attention with the flashfuse kernels.
 
     Shape legend: B batch, Hq query heads, Hkv key/value heads (Hq % Hkv == 0), Nq queries, Nk keys,
@@ -34,6 +35,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
         dropout_p: dropout on the probabilities (training only: pass 0.0 in eval).
         empty_rows: what a query that sees no key gives: "nan", as softmax over a row of -inf does, or
             "zero", as SDPA gives.
+        fp8: inference in FP8: q, k, v quantized to float8_e4m3fn (per-token q / k scales, per-channel v
+            scales) after the same random orthogonal Hadamard rotation of q and k (True or "incoherent"), or
+            without it ("plain"). No gradient, no bias, no dropout; errors against float64 are in the README.
 
     Returns:
         (B, Hq, Nq, Dv) in q's dtype. The softmax runs in fp32.
@@ -52,7 +56,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     spec = AttentionSpec(scale=d ** -0.5 if scale is None else _scalar(scale), causal=causal,
                          window=(-1, -1) if window is None else window,
                          softcap=0.0 if softcap is None else _scalar(softcap), dropout_p=dropout_p,
-                         empty_rows=empty_rows)
+                         empty_rows=empty_rows, fp8=_fp8_mode(fp8, q, k, v, bias))
     if spec.softcap == 0.0 and softcap is not None:
         raise ValueError("softcap must be positive (None for no softcap), got 0")
     if not _direct_ok(q, k, v, bias, mask):
@@ -60,6 +64,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
         return _Attention.apply(q, k, v, bias, mask, spec)
     return _forward(q, k, v, bias, mask, spec)[0]
+
+
+def _fp8_mode(fp8, q, k, v, bias):
+    """The spec's fp8 field for the `fp8` argument, after checking that the call can run in FP8."""
+    if fp8 is False or fp8 == "":
+        return ""
+    mode = "incoherent" if fp8 is True else fp8
+    if mode not in ("plain", "incoherent"):
+        raise ValueError(f"fp8 must be True, False, 'plain' or 'incoherent', got {fp8!r}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("fp8 attention is for inference and has no backward: call it under torch.no_grad() "
+                         "(or with inputs that do not require grad), or leave fp8 off")
+    if bias is not None:
+        raise ValueError("fp8 attention takes no bias: pass a bool mask instead, or leave fp8 off")
+    return mode
 
 
 def _direct_ok(*tensors):

@@ -9,7 +9,7 @@ rounding; the backward needs both to recompute p. A row whose every key is -inf 
 """
 import torch
 
-from flashfuse.kernels import empty, hidden_rows
+from flashfuse.kernels import empty, fp8, hidden_rows
 from flashfuse.kernels.reference import repeat_kv, scores
 from flashfuse.kernels.spec import HUGE_FILL
 
@@ -89,7 +89,12 @@ def _empty_rows_to_zero(out, row_max, spec):
 
 
 def forward(q, k, v, bias, mask, seed, spec):
-    """Blockwise online-softmax forward: out (B, Hq, Nq, Dv) in q's dtype and stats (2, B, Hq, Nq)."""
+    """Blockwise online-softmax forward: out (B, Hq, Nq, Dv) in q's dtype and stats (2, B, Hq, Nq). An FP8 spec
+    runs on q, k, v as FP8 holds them (fp8.dequantized)."""
+    if spec.fp8 and not empty.is_empty(q, k):
+        qx, kx, vx = fp8.dequantized(q, k, v, spec)
+        out, stats = forward(qx, kx, vx, bias, mask, seed, spec.replace(fp8=""))
+        return out.to(q.dtype), stats.to(stats_dtype(q.dtype))
     out, stats = _forward(q, k, v, bias, mask, seed, spec)
     return hidden_rows.finish_forward(out, stats, v, spec) if not empty.is_empty(q, k) else (out, stats)
 
@@ -131,6 +136,7 @@ def _forward(q, k, v, bias, mask, seed, spec):
 def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse=None):
     """Blockwise backward, recomputing p from stats. Returns dq, dk, dv (shapes of q, k, v) and dbias or None.
     dlse (B, Hq, Nq) or None: the gradient of the rows' logsumexp (stats[0] + stats[1])."""
+    fp8.no_backward(spec)
     dq, dk, dv, dbias = _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse)
     return (*hidden_rows.finish_backward((dq, dk, dv), dout, q, k, v, stats, spec), dbias)
 

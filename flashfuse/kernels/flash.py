@@ -2,12 +2,13 @@
 
 Same contract as the CPU path (cpu.py). float64 inputs and head dims over configs.MAX_HEAD_DIM take the CPU
 path's blockwise code (the kernels accumulate in fp32; their tiles hold at most that head dim), empty
-problems empty.py. Few queries over long keys (decode) take flash_decode.py; everything else the flash
-kernels of flash_fwd.py / flash_bwd.py.
+problems empty.py. Few queries over long keys (decode) take flash_decode.py; an FP8 spec flash_fp8.py; everything
+else the flash kernels of flash_fwd.py / flash_bwd.py.
 """
-from flashfuse.kernels import configs, cpu, empty, flash_bwd, flash_decode, flash_fwd, flash_hidden
+from flashfuse.kernels import configs, cpu, empty, flash_bwd, flash_decode, flash_fp8, flash_fwd, flash_hidden
 from flashfuse.kernels.flash_common import as_bytes, dropout_scale
 from flashfuse.kernels.flash_fwd import unit_last_stride
+from flashfuse.kernels.fp8 import no_backward
 
 __all__ = ["forward", "backward", "dropout_scale"]
 
@@ -26,6 +27,9 @@ def forward(q, k, v, bias, mask, seed, spec, launch=direct):
         return cpu.forward(q, k, v, bias, mask, seed, spec)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     seed = seed if spec.random else None
+    if spec.fp8:
+        out, stats = flash_fp8.forward(q, k, v, bias, as_bytes(mask), spec, launch)
+        return flash_hidden.finish_forward(out, stats, v, spec, launch)
     kernels = flash_decode if flash_decode.suits(q, k) else flash_fwd
     out, stats = kernels.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch)
     return flash_hidden.finish_forward(out, stats, v, spec, launch)
@@ -34,6 +38,7 @@ def forward(q, k, v, bias, mask, seed, spec, launch=direct):
 def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch=direct, dlse=None):
     """dq, dk, dv (shapes and dtypes of q, k, v) and dbias (bias's shape and dtype) or None. dlse (B, Hq, Nq) or
     None: the gradient of the rows' logsumexp, stats[0] + stats[1] (an attention sink's rescale reads it)."""
+    no_backward(spec)
     if not configs.kernels_hold(q, v) or empty.is_empty(q, k):
         return cpu.backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse)
     q, k, v, dout = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), unit_last_stride(dout)

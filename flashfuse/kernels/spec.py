@@ -20,6 +20,9 @@ in a row every key of which is filled: its softmax is uniform, over all Nk keys 
 the structure shows with "nan" (eager's answer when the structure's own fill meets the added one and the sum
 overflows to -inf: `where(causal, s, finfo.min) + where(causal & keep, 0, finfo.min)`).
 
+With fp8 ("plain" or "incoherent") q, k and v are quantized to float8_e4m3fn first and P to e4m3 for p @ v
+(fp8.py, flash_fp8.py): the same formula to FP8's precision, forward only (inference), no bias or dropout.
+
 What the tensors already say stays out of the spec: sizes, the GQA group Hq / Hkv, dtypes (dynamic shapes make sizes
 symbolic; the output takes q's dtype), and whether a bias or mask is given. A key-padding mask is a mask of
 shape (B, 1, 1, Nk).
@@ -33,6 +36,7 @@ import math
 from dataclasses import dataclass
 
 EMPTY_ROWS = ("nan", "zero", "average")
+FP8_MODES = ("", "plain", "incoherent")
 
 #: A fill at or below this swallows any score or bias added to it (|s| < 1e22) in fp32, bf16 and fp64, and
 #: exp(fill - row max) is 0 for any row that sees a real score: such a fill hides keys as -inf does, except in
@@ -60,6 +64,7 @@ class AttentionSpec:
     mask_value: float = float("-inf")  # what the mask tensor fills hidden scores with
     empty_rows: str = "nan"  # a query that sees no key: "nan" (the formula), "zero" or "average" (mean of v)
     fill_adds: bool = False  # the mask's fill was added to the scores (s + fill), not put in their place
+    fp8: str = ""  # "": q, k, v as given; "plain" or "incoherent": quantized to e4m3 first (fp8.py), forward only
 
     def __post_init__(self):
         _check_real("scale", self.scale)
@@ -85,6 +90,10 @@ class AttentionSpec:
         if self.fill_adds and (self.empty_rows == "zero" or self.softcap or not math.isfinite(self.mask_value)):
             raise ValueError("fill_adds needs a finite mask_value, empty_rows 'average' or 'nan', and no softcap "
                              "(hidden_rows.py says why)")
+        if self.fp8 not in FP8_MODES:
+            raise ValueError(f"fp8 must be one of {FP8_MODES}, got {self.fp8!r}")
+        if self.fp8 and self.dropout_p:
+            raise ValueError("fp8 is for inference: it takes no dropout")
         for name in ("scale", "softcap", "dropout_p", "mask_value"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -134,6 +143,8 @@ class AttentionSpec:
             shown.append(f"empty_rows={self.empty_rows}")
         if self.fill_adds:
             shown.append("fill_adds")
+        if self.fp8:
+            shown.append(f"fp8={self.fp8}")
         return " ".join(shown)
 
 
@@ -152,7 +163,7 @@ def _decode(text):
             values[name] = (int(left), int(right))
         elif name in ("causal", "fill_adds"):
             values[name] = raw == "True"
-        elif name == "empty_rows":
+        elif name in ("empty_rows", "fp8"):
             values[name] = raw
         else:
             values[name] = float(raw)
