@@ -286,10 +286,10 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}",
           flush=True)
     cases = [] if OPTS.bench_only else SANITIZE if OPTS.sanitize else CASES
+    cases = [(name, kw) for name, kw in cases if OPTS.only in name]
     bad = 0
     for name, kw in cases:
-        if OPTS.only in name:
-            bad += not check(name, **kw)
+        bad += not check(name, **kw)
     edges = [] if OPTS.bench_only or OPTS.sanitize else [e for e in EDGES if OPTS.only in e[0]]
     for edge in edges:
         bad += not check_edge(*edge)
