@@ -217,3 +217,14 @@ def test_upstream_interpreter_bf16_arithmetic():
     y = torch.empty_like(x)
     square[(1,)](x, y)
     assert torch.equal(y, x * x)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_v_kernel_equals_the_reference(dtype):
+    v = _randn(2, 3, 50, 40, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)  # strided heads
+    got8, got_scale = fp8.quantize_v(v, flash.direct)
+    want8, want_scale = fp8.quantize_v(v)
+    assert got8.shape == (2, 3, 40, 50) and got8.is_contiguous()
+    assert torch.equal(got_scale, want_scale)
+    assert torch.equal(got8.view(torch.uint8), want8.view(torch.uint8))

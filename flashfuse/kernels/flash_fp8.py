@@ -123,7 +123,7 @@ def forward(q, k, v, bias, mask, spec, launch):
     rotate = spec.fp8 == "incoherent"
     q8, q_scale = fp8.quantize(q, rotate, launch)
     k8, k_scale = fp8.quantize(k, rotate, launch)
-    v8t, v_scale = fp8.quantize_v(v)
+    v8t, v_scale = fp8.quantize_v(v, launch)
     d = q8.shape[-1]
     out = torch.empty((b, hq, nq, dv), dtype=q.dtype, device=q.device)
     stats = torch.empty((2, b, hq, nq), dtype=torch.float32, device=q.device)

@@ -72,12 +72,26 @@ def quantize_reference(x, rotate):
     return (y / scale[..., None]).to(torch.float8_e4m3fn), scale
 
 
-def quantize_v(v):
+def v_scale(v):
+    """v's per-channel scale (B, H, Dv) fp32: the channel's largest magnitude over the keys maps to E4M3_MAX."""
+    amax = torch.linalg.vector_norm(v, ord=math.inf, dim=-2)  # one reduction pass, exact (a max)
+    return amax.float().clamp_min(_TINY) / E4M3_MAX
+
+
+def quantize_v(v, launch=None):
     """(v8t, scale): v (B, H, N, Dv) as (B, H, Dv, N) float8_e4m3fn, keys contiguous (Hopper's FP8 products read
-    their second operand that way), and a per-channel scale (B, H, Dv) fp32."""
-    scale = v.float().abs().amax(-2).clamp_min(_TINY) / E4M3_MAX
-    v8 = (v.float() / scale[..., None, :]).to(torch.float8_e4m3fn)
-    return v8.transpose(-1, -2).contiguous(), scale
+    their second operand that way), and a per-channel scale (B, H, Dv) fp32. With `launch`, the scaling, cast and
+    transposed store run as one Triton kernel; else in torch."""
+    scale = v_scale(v)
+    if launch is None:
+        v8 = (v.float() / scale[..., None, :]).to(torch.float8_e4m3fn)
+        return v8.transpose(-1, -2).contiguous(), scale
+    b, h, n_keys, dv = v.shape
+    v8t = torch.empty((b, h, dv, n_keys), dtype=torch.float8_e4m3fn, device=v.device)
+    block = 16 if INTERPRET else 64 if dv <= 128 else 32  # a 64 x 256 tile spills (scripts/compile_kernels.py)
+    launch(_quantize_v_kernel, (configs.cdiv(n_keys, block), b * h))(
+        v, scale, v8t, *v.stride()[:3], h, n_keys, DV=dv, HEAD_DV=configs.pow2(dv), EXACT=INTERPRET, BLOCK=block)
+    return v8t, scale
 
 
 def quantize(x, rotate, launch):
@@ -156,3 +170,18 @@ def _quantize_kernel(X, Signs, X8, Scale, sxb, sxh, sxn, n_heads, n_rows, D: tl.
     out = bh.to(tl.int64) * n_rows * OUT_D + rows[:, None] * OUT_D + cols[None, :]
     tl.store(X8 + out, x8, mask=(rows[:, None] < n_rows) & (cols[None, :] < OUT_D))
     tl.store(Scale + bh.to(tl.int64) * n_rows + rows, scale, mask=rows < n_rows)
+
+
+@triton.jit
+def _quantize_v_kernel(V, Scale, V8t, svb, svh, svn, n_heads, n_keys, DV: tl.constexpr, HEAD_DV: tl.constexpr,
+                       EXACT: tl.constexpr, BLOCK: tl.constexpr):
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    keys = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, HEAD_DV)
+    inside = (keys[:, None] < n_keys) & (cols[None, :] < DV)
+    v = tl.load(V + b.to(tl.int64) * svb + h * svh + keys[:, None] * svn + cols[None, :], mask=inside, other=0.0)
+    scale = tl.load(Scale + bh.to(tl.int64) * DV + cols, mask=cols < DV, other=1.0)
+    v8 = to_e4m3(v.to(tl.float32) / scale[None, :], EXACT)
+    tl.store(V8t + bh.to(tl.int64) * DV * n_keys + cols[None, :] * n_keys + keys[:, None], v8, mask=inside)
