@@ -159,7 +159,8 @@ def main():
                 continue
             if os.environ.get("FLASHFUSE_DUMP"):
                 for ir in ("ttgir", "ptx", "cubin"):
-                    with open(os.path.join(os.environ["FLASHFUSE_DUMP"], f"{kernel.fn.__name__}.{ir}"),
+                    case = re.sub(r"\W+", "_", name)  # one file per case and kernel
+                    with open(os.path.join(os.environ["FLASHFUSE_DUMP"], f"{case}-{kernel.fn.__name__}.{ir}"),
                               "wb" if ir == "cubin" else "w") as f:
                         f.write(compiled.asm[ir])
             regs, stack = resources(compiled)

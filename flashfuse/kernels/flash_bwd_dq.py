@@ -12,6 +12,7 @@ from flashfuse.kernels.flash_common import (
     _dot,
     _dropout_keep,
     _kept_keys,
+    _query_block,
     _recompute_p,
     _row_stats,
     _score_tile,
@@ -83,15 +84,7 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
                DV: tl.constexpr,
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # DELTA_IN: Delta arrives holding -dlse, the gradient of each row's logsumexp, which joins delta
-    pid_m = tl.program_id(0)
-    if RIGHT >= 0:  # causal-like: later query blocks see more keys, so start them first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    hkv = h // group
-    m0 = pid_m * BLOCK_M
-    i = m0 + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, hkv, m0, i = _query_block(n_heads, group, RIGHT, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
     shift = n_keys - n_queries

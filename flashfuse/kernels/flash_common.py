@@ -122,6 +122,21 @@ def _row_stats(Stats, rows, n_stats, valid, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _query_block(n_heads, group, RIGHT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """What a program that owns BLOCK_M queries of one (batch, q head) works on: (pid_bh, b, h, hkv, m0, i), i the
+    query indices. With a right bound (causal) later query blocks see more keys, so they start first."""
+    pid_m = tl.program_id(0)
+    if RIGHT >= 0:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    hkv = h // group
+    m0 = pid_m * BLOCK_M
+    return pid_bh, b, h, hkv, m0, m0 + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
 def _band(own0, n_other, offset, BELOW: tl.constexpr, ABOVE: tl.constexpr, OWN_BLOCK: tl.constexpr,
           OTHER_BLOCK: tl.constexpr):
     """Block ranges along the other axis seen by the own block [own0, own0 + OWN_BLOCK), where own index x

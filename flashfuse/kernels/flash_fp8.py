@@ -16,6 +16,7 @@ from flashfuse.kernels.flash_common import (
     INTERPRET,
     LOG2E,
     _band,
+    _query_block,
     _score_tile,
     _stage,
     broadcast_strides,
@@ -71,15 +72,7 @@ def _fp8_fwd_kernel(Q8, Q_scale, K8, K_scale, V8t, V_scale, Mask, Out, Stats,
                     HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, EMPTY_ZERO: tl.constexpr, EXACT: tl.constexpr,
                     D: tl.constexpr, DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    if RIGHT >= 0:  # causal-like: later query blocks see more keys, so start them first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    hkv = h // group
-    m0 = pid_m * BLOCK_M
-    i = m0 + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, hkv, m0, i = _query_block(n_heads, group, RIGHT, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
     shift = n_keys - n_queries
