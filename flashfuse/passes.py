@@ -181,8 +181,8 @@ def _rewrite(gm, sdpa, fp8=False, prefix="", call=None, depth=0):
                 _import_seed(gm.graph, plan, call, depth)
             try:
                 rewrite.apply(gm.graph, plan)
-            except Refuse:
-                if plan.seed is not None:  # the seed's operand and placeholder go with the refused rewrite
+            except Exception:
+                if plan.seed is not None:  # the seed's operand and placeholder go with the failed rewrite
                     call.args = args
                     _drop_seeds(call.graph)
                     gm.graph.erase_node(plan.seed)

@@ -9,11 +9,12 @@ an outlier channel is spread over all n, so per-token scales fit the values bett
 Scales: q and k one per token (its largest magnitude maps to E4M3_MAX), v one per channel over the keys (the
 output's column d is multiplied by it at the end). Shapes, for q (B, H, N, D):
 
-    q8, q_scale = quantize(q, rotate=True)   # (B, H, N, n) float8_e4m3fn, (B, H, N) fp32
-    v8t, v_scale = quantize_v(v)             # (B, H, Dv, N) float8_e4m3fn (keys contiguous), (B, H, Dv) fp32
+    q8, q_scale = quantize_reference(q, rotate=True)   # (B, H, N, n) float8_e4m3fn, (B, H, N) fp32
+    v8t, v_scale = quantize_v(v)                       # (B, H, Dv, N) float8_e4m3fn, keys contiguous; (B, H, Dv)
 
-`quantize` runs a Triton kernel on Triton's path (the rotation as one product with H, exact: H is +-1 and the
-products accumulate in fp32) and `quantize_reference` in torch elsewhere; both round to nearest even.
+`quantize(x, rotate, launch)` and `quantize_v(v, launch)` compute the same with Triton kernels (flash_fp8.py's
+path; the rotation as one product with H, exact: H is +-1 and the products accumulate in fp32), the
+`_reference` / launch-less forms in torch (the CPU path); all round to nearest even.
 """
 import functools
 import math
