@@ -114,13 +114,8 @@ def kernel_times(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded
     extra = key_padding(b, nk, padded)
     out = attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra)
     dout = torch.randn_like(out)
-    torch.autograd.grad(out, (q, k, v), dout)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            torch.autograd.grad(attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra), (q, k, v), dout)
-        torch.cuda.synchronize()
-    return {e.key[:40]: e.self_device_time_total / calls for e in prof.key_averages() if e.self_device_time_total > 0}
+    return timing.kernel_us(lambda: torch.autograd.grad(
+        attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra), (q, k, v), dout), calls)
 
 
 def main():

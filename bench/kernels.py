@@ -71,8 +71,9 @@ def attention_fn(impl, q, k, v, causal, bias=None):
     raise ValueError(impl)
 
 
-def measure(impl, b, h, hkv, n, d, causal, bias=False, dtype=torch.bfloat16):
-    """One row: forward and backward of `impl` at (B, H/Hkv, N, D)."""
+def measure(impl, b, h, hkv, n, d, causal, bias=False, dtype=torch.bfloat16, by_kernel=False):
+    """One row: forward and backward of `impl` at (B, H/Hkv, N, D); with `by_kernel`, also the forward's GPU us
+    per kernel (`fwd_kernels_us`)."""
     torch.manual_seed(0)
     q = torch.randn(b, h, n, d, device=DEV, dtype=dtype, requires_grad=True)
     k = torch.randn(b, hkv, n, d, device=DEV, dtype=dtype, requires_grad=True)
@@ -81,7 +82,7 @@ def measure(impl, b, h, hkv, n, d, causal, bias=False, dtype=torch.bfloat16):
     leaves = [t for t in (q, k, v, bias_t) if t is not None]
     row = dict(impl=impl, B=b, H=h, Hkv=hkv, N=n, D=d, causal=causal, bias=bias, dtype=str(dtype).split(".")[-1])
     if impl in FORWARD_ONLY:
-        return _measure_forward(impl, row, q.detach(), k.detach(), v.detach(), causal, bias_t)
+        return _measure_forward(impl, row, q.detach(), k.detach(), v.detach(), causal, bias_t, by_kernel)
     try:
         fwd = attention_fn(impl, q, k, v, causal, bias_t)
         out = fwd()
@@ -98,10 +99,12 @@ def measure(impl, b, h, hkv, n, d, causal, bias=False, dtype=torch.bfloat16):
                fwd_gpu_ms=f_gpu, bwd_gpu_ms=a_gpu - f_gpu, fwd_host_ms=timing.host_ms(fwd),
                fwd_bwd_host_ms=timing.host_ms(both))
     row.update(fwd_tflops=flops / f50 * 1e-9, bwd_tflops=2.5 * flops / max(a50 - f50, 1e-9) * 1e-9)
+    if by_kernel:
+        row["fwd_kernels_us"] = timing.kernel_us(fwd)
     return row
 
 
-def _measure_forward(impl, row, q, k, v, causal, bias):
+def _measure_forward(impl, row, q, k, v, causal, bias, by_kernel=False):
     """A forward-only row (no backward: bwd fields None)."""
     b, h, n, d = q.shape
     try:
@@ -110,6 +113,8 @@ def _measure_forward(impl, row, q, k, v, causal, bias):
             fwd()
             f20, f50, f80 = timing.wall_ms(fwd)
             f_gpu, host = timing.gpu_ms(fwd), timing.host_ms(fwd)
+            if by_kernel:
+                row = dict(row, fwd_kernels_us=timing.kernel_us(fwd))
     except Exception as exc:
         return dict(row, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
@@ -144,6 +149,10 @@ def measure_decode(impl, b, h, hkv, nk, d, dtype=torch.bfloat16):
 
 
 def show(row):
+    if "fwd_kernels_us" in row:
+        kernels = sorted(row["fwd_kernels_us"].items(), key=lambda item: -item[1])
+        print(f"| {row['impl']:<14} | {_shape(row):<24} | forward by kernel: "
+              + ", ".join(f"{name} {us:.0f} us" for name, us in kernels), flush=True)
     if "error" in row:
         print(f"| {row['impl']:<14} | {_shape(row):<24} | refused: {row['error'][:80]}", flush=True)
         return
@@ -179,6 +188,7 @@ def main(argv=None):
     parser.add_argument("--no-grid", action="store_true")
     parser.add_argument("--no-extra", action="store_true", help="skip the GQA and bias rows")
     parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--by-kernel", action="store_true", help="also each forward's GPU time per kernel")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -194,7 +204,8 @@ def main(argv=None):
             for n in args.n:
                 for causal in timing.CAUSAL[args.causal]:
                     for impl in args.impl:
-                        add(measure(impl, max(1, args.tokens // (h * n)), h, h, n, d, causal))
+                        add(measure(impl, max(1, args.tokens // (h * n)), h, h, n, d, causal,
+                                    by_kernel=args.by_kernel))
     if not args.no_extra:
         for hkv in (4, 2):  # GQA 4:1 and 8:1
             for causal in (False, True):

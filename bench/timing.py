@@ -41,6 +41,17 @@ def gpu_ms(fn, calls=10, kernel=""):
     return total_us / calls / 1e3
 
 
+def kernel_us(fn, calls=5):
+    """{kernel name (first 40 characters): GPU us per call of fn()}, from the profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:40]: e.self_device_time_total / calls for e in prof.key_averages() if e.self_device_time_total > 0}
+
+
 def host_ms(fn, calls=20):
     """Median ms for fn() to return, starting from an idle, synchronized GPU."""
     times = []
