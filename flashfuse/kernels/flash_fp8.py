@@ -24,6 +24,7 @@ from flashfuse.kernels.flash_common import (
     fill_argument,
 )
 from flashfuse.kernels.flash_fwd import head_pad
+from flashfuse.kernels.fp8 import to_e4m3  # by name: inductor's copy of a kernel resolves no module attributes
 
 P_SCALE: tl.constexpr = tl.constexpr(256.0)  # P * 256 <= 256 < E4M3_MAX
 
@@ -60,7 +61,7 @@ def _fp8_inner(acc, l_i, m_i, q, q_scale, i, lo, hi, K8, K_scale, V8t, mask_rows
         vt = tl.load(V8t + j[:, None] + offs_dv[None, :] * n_keys, mask=in_keys[:, None] & (offs_dv[None, :] < DV),
                      other=0.0)  # (BLOCK_N, HEAD_DV), keys contiguous in memory
         acc = acc * alpha[:, None]
-        acc = tl.dot(fp8.to_e4m3(p * P_SCALE, EXACT), vt, acc)
+        acc = tl.dot(to_e4m3(p * P_SCALE, EXACT), vt, acc)
         m_i = m_new
     return acc, l_i, m_i
 
