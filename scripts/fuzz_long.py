@@ -7,7 +7,8 @@
 Runs the `fuzz` Hypothesis profile in chunks of --chunk examples, each chunk with its own seed, so that
 one failure (shrunk to a minimal program and written to the log) does not end the run. Progress goes to
 --log every --every programs; --summary gets a JSON summary: programs run, how often each choice was
-drawn (the spellings covered), and every failure with its minimal program. TRITON_INTERPRET=0 runs the
+drawn (the spellings covered), and every failure with its minimal program (or, when a time limit stops
+the shrinking, the smallest failing program found so far, with "shrunk": false). TRITON_INTERPRET=0 runs the
 op's pure-torch reference on the CPU (fast); TRITON_INTERPRET=1 runs the Triton kernels in Triton's
 interpreter (slow); --device cuda moves each program to the GPU, where the op runs the compiled Triton
 kernels. Keep shapes tiny on a CPU: the defaults are B <= 2, H <= 3, N <= 8, D in {8, 16}.
@@ -43,7 +44,13 @@ def merge(paths):
              f"- programs generated: {total['programs_generated']} ({total['attention_programs']} attention, "
              f"{total['near_misses']} near misses; {total['sites_expected']} sites expected to be rewritten); "
              f"programs run, shrinking included: {total['programs_run']}",
-             f"- failures: {sum(len(r['failures']) for r in runs)}", "", "| choice | count by option |", "|---|---|"]
+             f"- failures: {sum(len(r['failures']) for r in runs)}"]
+    # a summary written before interrupted shrinks were recorded: programs rerun, and no failure kept
+    lost = [r["args"]["seed"] for r in runs if r["programs_run"] > r["programs_generated"] and not r["failures"]]
+    if lost:
+        lines.append(f"- runs stopped while shrinking a failure that their summary does not keep (first seeds): "
+                     f"{', '.join(map(str, lost))}")
+    lines += ["", "| choice | count by option |", "|---|---|"]
     for name in sorted(coverage):
         counts = ", ".join(f"{value}: {n}" for value, n in coverage[name].most_common())
         lines.append(f"| `{name}` | {counts} |")
@@ -132,6 +139,8 @@ def main(argv=None):
             raise
         except BaseException as exc:
             count(program)
+            if not state["shrinking"]:  # in the log at once: a run killed while shrinking still shows it
+                note(f"failing program, shrinking it: {program.choices}\n{type(exc).__name__}: {exc}")
             state["last_failure"] = (program, exc)
             state["shrinking"] = True
             raise
@@ -146,8 +155,16 @@ def main(argv=None):
                      f"{len(stats['failures'])} failures, max RSS {rss} MiB")
                 write_summary()
 
+    def record(chunk, chunk_seed, program, exc, shrunk=True):
+        message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        stats["failures"].append({"chunk_seed": chunk_seed, "message": message, "shrunk": shrunk,
+                                  "choices": program.choices if program else None,
+                                  "source": program.source if program else None})
+        how = "shrunk to" if shrunk else "interrupted while shrinking; the smallest failing program so far"
+        note(f"FAILURE in chunk {chunk} (seed {chunk_seed}), {how}:\n{program!r}\n{message}\n")
+
+    chunk, chunk_seed = 0, args.seed
     try:
-        chunk = 0
         while stats["generated"] < args.examples:
             n = min(args.chunk, args.examples - stats["generated"])
             chunk_seed = args.seed + chunk
@@ -162,17 +179,15 @@ def main(argv=None):
             try:
                 run()
             except Exception as exc:  # a failure, shrunk: log it and go on with the next chunk
-                program, last = state["last_failure"] or (None, exc)
-                message = "".join(traceback.format_exception_only(type(last), last)).strip()
-                stats["failures"].append({"chunk_seed": chunk_seed, "message": message,
-                                          "choices": program.choices if program else None,
-                                          "source": program.source if program else None})
-                note(f"FAILURE in chunk {chunk} (seed {chunk_seed}), shrunk to:\n{program!r}\n{message}\n")
+                record(chunk, chunk_seed, *(state["last_failure"] or (None, exc)))
+            state["last_failure"] = None
             stats["chunks"] += 1
             chunk += 1
             write_summary()
     except KeyboardInterrupt:  # a time limit (timeout --signal=INT): the summary keeps every finished program
         note("interrupted")
+        if state["last_failure"]:  # a failure found and not yet shrunk is still a failure
+            record(chunk, chunk_seed, *state["last_failure"], shrunk=False)
     note(f"done: {stats['calls']} programs run ({stats['generated']} generated), "
          f"{len(stats['failures'])} failures, {time.time() - start:.0f}s")
     write_summary()

@@ -350,18 +350,47 @@ def test_bf16_learned_temperature_gradient_through_the_triton_backward():
         "value_product": "matmul", "output": "as_is", "seed": 8096}))
 
 
-@pytest.mark.xfail(strict=True, reason="open bug #15 (docs/fuzzing.md), of bf16_peaked_gradients' family, found by the "
-                                       "interpreter run of 2026-12-02: fp32, one key, a learned temperature dividing "
-                                       "the scores; its gradient is 0 in exact arithmetic and in eager, and the Triton "
-                                       "backward's dS = P (dP - delta) leaves rounding noise that 1 / t^2 amplifies: "
-                                       "9.0e-05 from float64, 5.9e-05 allowed, all gradients 2.96")
 def test_fp32_learned_temperature_over_one_key_through_the_triton_backward():
+    """Was bug #15 (interpreter run of 2026-12-02): fp32, one key, a learned temperature dividing the scores. Its
+    gradient is 0 in exact arithmetic and in eager; a flash backward leaves rounding noise (9.0e-05 here, 3.0e-5 of
+    all gradients' norm) that 1 / t^2 amplifies. Torch's own flash backward does the same (the test below), so the
+    float64 rule's floor (tolerances.ROUNDING_FLOOR) now clears it."""
     check_program(build_program({
         "kind": "attention", "dtype": "float32", "layout": "inputs", "B": 1, "H": 1, "HKV": 1, "D": 8, "DV": 8,
         "NQ": 1, "NK": 1, "gqa": "none", "product": "at", "kT": "transpose_m1m2", "scale": "tensor",
         "scale_tensor": "param", "scale_op": "div", "scale_value": 0.125, "bias": "none", "softcap": "none",
         "masks": "none", "softmax": "functional", "dropout": "none", "value_product": "at", "output": "as_is",
         "seed": 320}))
+
+
+def test_fp32_learned_temperature_over_one_key_with_softcap_and_gqa():
+    """Found by the fuzzer on the CPU path (seed 2300000, 2026-12-03): as above, with a softcap, an additive bias
+    and GQA; the temperature's gradient was 4.8e-4 from float64 (2.3e-5 of all gradients' norm), eager's 0."""
+    check_program(build_program({
+        "kind": "attention", "dtype": "float32", "layout": "inputs", "B": 2, "H": 3, "HKV": 1, "D": 16, "DV": 16,
+        "NQ": 5, "NK": 1, "gqa": "repeat_kv_inline", "product": "einsum", "kT": "transpose_m2m1", "einsum_form": "dk",
+        "scale": "tensor", "scale_tensor": "param", "scale_op": "div", "scale_value": 0.125, "bias": "input",
+        "bias_shape": "1HQK", "softcap": "tanh_mul", "softcap_value": 50.0, "bias_add": "plus", "masks": "causal",
+        "causal_source": "inline_tril", "fill_form0": "masked_fill_", "negation": "logical_not", "fill": "-inf",
+        "inf_spelling": "float", "order": "mask_first", "softmax": "torch", "dropout": "functional_training",
+        "value_product": "at", "output": "merge_reshape", "seed": 4360}))
+
+
+def test_the_fp32_rounding_floor_clears_torch_own_flash_backward():
+    """The float64 rule's floor is what a flash backward needs, measured on torch's own: SDPA's flash kernel on the
+    CPU gives a learned temperature over one key a gradient (0 in exact arithmetic) within the rule's allowance."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashfuse.tolerances import FLOAT64_SLACK, ROUNDING_FLOOR
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16) for n in (5, 1, 1))
+    t = torch.tensor(0.125, requires_grad=True)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = F.scaled_dot_product_attention(q / t, k, v, scale=1.0)
+    grads = torch.autograd.grad(out, (q, k, v, t), torch.randn_like(out))
+    total = sum(g.double().norm() ** 2 for g in grads[:3]) ** 0.5  # dt is 0 in exact arithmetic
+    assert abs(grads[3].item()) <= FLOAT64_SLACK * ROUNDING_FLOOR[torch.float32] * total
 
 
 def test_a_minus_inf_bias_beside_a_finite_key_fill_keeps_eager_weights():
@@ -427,3 +456,36 @@ def test_fuzz_long_counts_the_programs_finished_before_an_interrupt(tmp_path, mo
     written = json.loads(summary.read_text())
     assert len(calls) == 4 and written["programs_run"] == written["programs_generated"] == 3
     assert "interrupted" in (tmp_path / "fuzz.log").read_text()
+
+
+def test_fuzz_long_keeps_a_failure_whose_shrink_a_time_limit_stopped(tmp_path, monkeypatch):
+    """Run 11 on a GPU lost a failure: the time limit came while Hypothesis was shrinking it, and only finished
+    shrinks were recorded. Now the smallest failing program so far is a failure in the summary (`shrunk` false),
+    and the log names the program as soon as it first fails."""
+    import importlib.util
+    import json
+
+    import flashfuse.testing.programs as programs
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "fuzz_long.py")
+    spec = importlib.util.spec_from_file_location("fuzz_long", path)
+    fuzz_long = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz_long)
+    calls = []
+
+    def check_program(program, options=None):  # the third program fails; the time limit comes while shrinking
+        calls.append(program)
+        if len(calls) == 3:
+            raise AssertionError("outcome: failed")
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(programs, "check_program", check_program)
+    summary = tmp_path / "fuzz.json"
+    assert fuzz_long.main(["--examples", "10", "--log", str(tmp_path / "fuzz.log"), "--summary", str(summary)]) == 1
+    written = json.loads(summary.read_text())
+    assert written["programs_generated"] == 3 and len(written["failures"]) == 1
+    failure = written["failures"][0]
+    assert failure["shrunk"] is False and "outcome: failed" in failure["message"]
+    assert failure["choices"] == calls[2].choices
+    assert "failing program, shrinking it" in (tmp_path / "fuzz.log").read_text()
+    assert "runs stopped while shrinking" not in fuzz_long.merge([str(summary)])
