@@ -58,6 +58,7 @@ CASES = {
     "key padding d256 decode": (2, 8, 2, 4, 3000, 256, torch.bfloat16,
                                 dict(mask_value=-3.4e38, empty_rows="average", fill_adds=True), None, (2, 1, 1, 3000)),
     "fp8 d128": (2, 4, 4, 300, 300, 128, torch.bfloat16, dict(fp8="incoherent"), None, None),
+    "fp8 aligned d128 4k": (1, 2, 2, 4096, 4096, 128, torch.bfloat16, dict(fp8="incoherent"), None, None),
     "fp8 plain causal d64": (2, 4, 4, 300, 300, 64, torch.bfloat16, dict(fp8="plain", causal=True), None, None),
     "fp8 key padding gqa softcap d128": (2, 8, 2, 300, 300, 128, torch.bfloat16,
                                          dict(fp8="incoherent", causal=True, softcap=30.0, mask_value=-3.4e38,
@@ -158,6 +159,7 @@ def main():
                 print(f"FAIL {name:<28} {kernel.fn.__name__:<22} shared memory {meta.shared} > {limit}")
                 continue
             if os.environ.get("FLASHFUSE_DUMP"):
+                os.makedirs(os.environ["FLASHFUSE_DUMP"], exist_ok=True)
                 for ir in ("ttgir", "ptx", "cubin"):
                     case = re.sub(r"\W+", "_", name)  # one file per case and kernel
                     with open(os.path.join(os.environ["FLASHFUSE_DUMP"], f"{case}-{kernel.fn.__name__}.{ir}"),

@@ -113,10 +113,12 @@ def test_fp8_attention_against_the_oracle(impl, mode, case):
         mask[0, ..., :pads[0]] = False
         mask[0, ..., nk - pads[1]:] = False
     spec = AttentionSpec(scale=d ** -0.5, **fields)
-    want, _ = oracle(q.double(), k.double(), v.double(), spec, mask=mask)
+    want, want_lse = oracle(q.double(), k.double(), v.double(), spec, mask=mask)
     out, stats = IMPLEMENTATIONS[impl].forward(q, k, v, None, mask, None, spec.replace(fp8=mode))
     assert out.dtype == q.dtype and out.shape == want.shape and stats.shape == (2, b, hq, nq)
     assert relative_error(out, want) < FP8_FORWARD
+    seen = torch.isfinite(want_lse)  # the rows' logsumexp (max + log of the sum), as the op returns it
+    assert relative_error((stats[0] + stats[1])[seen], want_lse[seen]) < FP8_FORWARD
 
 
 @interpreter
