@@ -26,8 +26,9 @@ import timing  # noqa: E402
 
 import flashfuse  # noqa: E402
 
-# name: (B, Hq, Hkv, Nq, Nk, D, causal[, dropout_p[, padded]]); padded: a (B, 1, 1, Nk) key mask hiding the first
-# third of the keys of row 0 ("row0", as bench/models.py pads) or of every row ("all")
+# name: (B, Hq, Hkv, Nq, Nk, D, causal[, dropout_p[, padded[, fp8]]]); padded: a (B, 1, 1, Nk) key mask hiding the
+# first third of the keys of row 0 ("row0", as bench/models.py pads) or of every row ("all"); fp8: the FP8 forward
+# (fp8=True; forward rows only)
 SHAPES = {
     "gpt2 8x12x1024 d64 c": (8, 12, 12, 1024, 1024, 64, True),
     "gpt2 8x12x1024 d64 c dropout 0.1": (8, 12, 12, 1024, 1024, 64, True, 0.1),
@@ -46,6 +47,9 @@ SHAPES = {
     "decode 8x32/4 q1 k4096 d128 keypad all": (8, 32, 4, 1, 4096, 128, False, 0.0, "all"),
     "decode 8x32/4 q1 k4096 d128": (8, 32, 4, 1, 4096, 128, False),
     "decode 8x32/4 q1 k131072 d128": (8, 32, 4, 1, 131072, 128, False),
+    "fp8 4x16x4096 d128 nc": (4, 16, 16, 4096, 4096, 128, False, 0.0, None, True),
+    "fp8 4x16x4096 d128 c": (4, 16, 16, 4096, 4096, 128, True, 0.0, None, True),
+    "fp8 1x16x16384 d128 c": (1, 16, 16, 16384, 16384, 128, True, 0.0, None, True),
 }
 
 
@@ -89,16 +93,17 @@ def key_padding(b, nk, padded):
     return {"mask": mask}
 
 
-def measure(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded=None):
+def measure(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded=None, fp8=False):
     torch.manual_seed(0)
-    q = torch.randn(b, hq, nq, d, device="cuda", dtype=torch.bfloat16, requires_grad=nq > 1)
-    k = torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=nq > 1)
-    v = torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=nq > 1)
-    extra = key_padding(b, nk, padded)
+    train = nq > 1 and not fp8
+    q = torch.randn(b, hq, nq, d, device="cuda", dtype=torch.bfloat16, requires_grad=train)
+    k = torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=train)
+    v = torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=train)
+    extra = dict(key_padding(b, nk, padded), **({"fp8": True} if fp8 else {}))
     fwd = lambda: attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra)  # noqa: E731
     with torch.no_grad():
         result = {"fwd": timing.wall_ms(fwd)[1], "fwd_gpu": timing.gpu_ms(fwd), "fwd_host": timing.host_ms(fwd)}
-    if nq > 1:
+    if train:
         out = fwd()
         dout = torch.randn_like(out)
         both = lambda: torch.autograd.grad(fwd(), (q, k, v), dout)  # noqa: E731
@@ -107,11 +112,14 @@ def measure(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded=None
     return result
 
 
-def kernel_times(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded=None, calls=5):
-    """{kernel name: GPU us per forward + backward call}."""
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+def kernel_times(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded=None, fp8=False, calls=5):
+    """{kernel name: GPU us per forward + backward call} (per forward call for fp8)."""
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=not fp8)
                for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
     extra = key_padding(b, nk, padded)
+    if fp8:
+        with torch.no_grad():
+            return timing.kernel_us(lambda: attention(q, k, v, causal=causal, fp8=True, **extra), calls)
     out = attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra)
     dout = torch.randn_like(out)
     return timing.kernel_us(lambda: torch.autograd.grad(
