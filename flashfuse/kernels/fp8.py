@@ -101,12 +101,12 @@ def quantize(x, rotate, launch):
     width = rotated_width(d) if rotate else configs.pow2(d)
     x8 = torch.empty((b, h, n_rows, width if rotate else d), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((b, h, n_rows), dtype=torch.float32, device=x.device)
-    block = 16 if INTERPRET else 64
-    grid = (configs.cdiv(n_rows, block), b * h)
+    block, steps = (16, 2) if INTERPRET else (64, 4)
+    grid = (configs.cdiv(n_rows, block * steps), b * h)
     launch(_quantize_kernel, grid)(
         x, signs(width, x.device), x8, scale, *x.stride()[:3], h, n_rows, D=d, WIDTH=width,
         OUT_D=x8.shape[-1], ROTATE=rotate, EXACT=INTERPRET,
-        PRECISION="ieee" if x.dtype == torch.float32 else precision(x.dtype), BLOCK=block)
+        PRECISION="ieee" if x.dtype == torch.float32 else precision(x.dtype), BLOCK=block, STEPS=steps)
     return x8, scale
 
 
@@ -152,25 +152,28 @@ def _parity(x):
 @triton.jit
 def _quantize_kernel(X, Signs, X8, Scale, sxb, sxh, sxn, n_heads, n_rows, D: tl.constexpr, WIDTH: tl.constexpr,
                      OUT_D: tl.constexpr, ROTATE: tl.constexpr, EXACT: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    # a program quantizes STEPS blocks of BLOCK rows, so that it builds the Hadamard matrix once for all of them
     bh = tl.program_id(1)
     b = bh // n_heads
     h = bh % n_heads
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, WIDTH)
-    x = tl.load(X + b.to(tl.int64) * sxb + h * sxh + rows[:, None] * sxn + cols[None, :],
-                mask=(rows[:, None] < n_rows) & (cols[None, :] < D), other=0.0)
-    if ROTATE:  # x diag(signs) H / sqrt(WIDTH): +-1 factors, so the products are exact and only the sums round
-        x = (x.to(tl.float32) * tl.load(Signs + cols)[None, :]).to(x.dtype)  # exact; the interpreter has no bf16 *
-        hadamard = (1.0 - 2.0 * _parity(cols[:, None] & cols[None, :]).to(tl.float32)).to(x.dtype)
-        y = _dot(x, hadamard, None, PRECISION) * (1.0 / tl.sqrt(WIDTH * 1.0))
-    else:
-        y = x.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(y), 1), 1e-30) / 448.0
-    x8 = to_e4m3(y / scale[:, None], EXACT)
-    out = bh.to(tl.int64) * n_rows * OUT_D + rows[:, None] * OUT_D + cols[None, :]
-    tl.store(X8 + out, x8, mask=(rows[:, None] < n_rows) & (cols[None, :] < OUT_D))
-    tl.store(Scale + bh.to(tl.int64) * n_rows + rows, scale, mask=rows < n_rows)
+    signs_ = tl.load(Signs + cols)
+    hadamard = (1.0 - 2.0 * _parity(cols[:, None] & cols[None, :]).to(tl.float32)).to(X.dtype.element_ty)
+    for step in tl.range(0, STEPS):
+        rows = (tl.program_id(0) * STEPS + step) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + b.to(tl.int64) * sxb + h * sxh + rows[:, None] * sxn + cols[None, :],
+                    mask=(rows[:, None] < n_rows) & (cols[None, :] < D), other=0.0)
+        if ROTATE:  # x diag(signs) H / sqrt(WIDTH): +-1 factors, so the products are exact and only the sums round
+            x = (x.to(tl.float32) * signs_[None, :]).to(x.dtype)  # exact; the interpreter has no bf16 *
+            y = _dot(x, hadamard, None, PRECISION) * (1.0 / tl.sqrt(WIDTH * 1.0))
+        else:
+            y = x.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(y), 1), 1e-30) / 448.0
+        x8 = to_e4m3(y / scale[:, None], EXACT)
+        out = bh.to(tl.int64) * n_rows * OUT_D + rows[:, None] * OUT_D + cols[None, :]
+        tl.store(X8 + out, x8, mask=(rows[:, None] < n_rows) & (cols[None, :] < OUT_D))
+        tl.store(Scale + bh.to(tl.int64) * n_rows + rows, scale, mask=rows < n_rows)
 
 
 @triton.jit
