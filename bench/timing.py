@@ -27,29 +27,25 @@ def wall_ms(fn, rep=100):
     return p20, p50, p80
 
 
+def kernel_us(fn, calls=5):
+    """{kernel name (its first 40 characters): GPU us per call of fn()}, from the profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.key_averages():
+        if e.self_device_time_total > 0:
+            times[e.key[:40]] = times.get(e.key[:40], 0.0) + e.self_device_time_total / calls
+    return times
+
+
 def gpu_ms(fn, calls=10, kernel=""):
     """Summed device time of the kernels one call of fn() launches, in ms (mean over `calls`); only those whose
     name starts with `kernel` when it is given."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    total_us = sum(e.self_device_time_total for e in prof.key_averages()
-                   if e.self_device_time_total > 0 and e.key.startswith(kernel))
-    return total_us / calls / 1e3
-
-
-def kernel_us(fn, calls=5):
-    """{kernel name (first 40 characters): GPU us per call of fn()}, from the profiler."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key[:40]: e.self_device_time_total / calls for e in prof.key_averages() if e.self_device_time_total > 0}
+    return sum(us for name, us in kernel_us(fn, calls).items() if name.startswith(kernel)) / 1e3
 
 
 def host_ms(fn, calls=20):
