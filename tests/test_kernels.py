@@ -567,3 +567,30 @@ def test_saturating_bias_broadcast_over_keys(impl):
     scores: the softmax is uniform over the keys, and the row's stats must count all of them."""
     fill = torch.full((1, 1, 1, 1), torch.finfo(torch.float32).min)
     check(impl, nq=3, nk=5, bias=fill, bias_grad=False)
+
+
+def test_kernels_name_their_helpers_directly():
+    """Inductor runs a compiled graph's Triton kernels from a copy of their source, with the jit helpers each one
+    names; it resolves no attribute of another module there. A kernel calling `fp8.to_e4m3(...)` ran eagerly and
+    failed under torch.compile on a GPU with NameError: helpers are imported by name (`from ... import to_e4m3`)."""
+    import ast
+    import importlib
+    import inspect
+    import pkgutil
+    import textwrap
+
+    import flashfuse.kernels
+    found, checked = [], 0
+    for info in pkgutil.iter_modules(flashfuse.kernels.__path__):
+        module = importlib.import_module(f"flashfuse.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            fn = getattr(obj, "fn", None)  # a JITFunction, or the interpreter's wrapper of one
+            if not (inspect.isfunction(fn) and fn.__module__ == module.__name__ and "triton" in type(obj).__module__):
+                continue
+            checked += 1
+            for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(fn)))):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                    target = fn.__globals__.get(node.value.id)
+                    if inspect.ismodule(target) and not target.__name__.startswith("triton"):
+                        found.append(f"{module.__name__}.{name}: {node.value.id}.{node.attr}")
+    assert checked >= 20 and not found, found
