@@ -11,9 +11,10 @@ from flashfuse.tolerances import FORWARD, GRADIENT, gradients_error, relative_er
 
 # family -> (causal, the windows its sites may have): the tiny configs' sliding_window=5 is (4, -1); gpt-oss
 # alternates sliding and full layers and adds an attention sink to every site; BERT's bidirectional mask is
-# `q >= 0` (always true) and the padding
+# `q >= 0` (always true) and the padding; ModernBERT's local layer keeps |q - kv| <= 2
 MASKS = {"gpt2": (True, {(-1, -1)}), "llama": (True, {(-1, -1)}), "mistral": (True, {(4, -1)}),
-         "gpt_oss_sinks": (True, {(4, -1), (-1, -1)}), "bert": (False, {(-1, -1)})}
+         "gpt_oss_sinks": (True, {(4, -1), (-1, -1)}), "bert": (False, {(-1, -1)}),
+         "modernbert_local": (False, {(-1, -1), (2, 2)})}
 OP = ("flashfuse::fwd", "flashfuse::opaque_fwd")
 
 
@@ -131,12 +132,39 @@ def test_sliding_window_hide_polarity():
     assert site.spec.causal and site.spec.window == (2, -1) and site.operands["mask_note"] == "key_padding"
 
 
+DISTANCE_WINDOWS = {  # a bidirectional sliding window spelled as a distance (ModernBERT's local layers): name ->
+    # (keep mask, window)
+    "abs_le_kept": (lambda i, j: torch.abs(i - j) <= 2, (2, 2)),
+    "abs_gt_hidden": (lambda i, j: ~(abs(j - i) > 3), (3, 3)),
+    "bound_first_lt": (lambda i, j: 2 > (j - i).abs(), (1, 1)),
+    "shifted_by_one": (lambda i, j: torch.abs(j - (i + 1)) <= 2, (1, 3)),
+}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", DISTANCE_WINDOWS)
+def test_distance_window_and_padding(name, side):
+    """|q - k| <= w is the window (w, w) around the diagonal, not causal; fully hidden rows (left padding) average
+    as in eager, forward and gradients."""
+    window, expected = DISTANCE_WINDOWS[name]
+
+    def fn(q, k, v, pad):
+        i, j = _positions()
+        return torch.softmax(q @ k.mT * D ** -0.5 + _additive(window(i, j) & pad[:, None, None, :]), -1) @ v
+
+    site = _site(fn, _padding(side))
+    assert not site.spec.causal and site.spec.window == expected, site.describe()
+    assert site.operands["mask_note"] == "key_padding" and site.spec.empty_rows == "average"
+
+
 RANDOM_KEEP = torch.rand(N, N, generator=torch.Generator().manual_seed(3)) > 0.2  # a 0/1 buffer
 
 NOT_STRUCTURE = {
     "varies_per_query": lambda i, j, pad: ((i + j) % 3 != 0) & pad[:, None, None, :],
     "causal_shifted_by_one": lambda i, j, pad: (j < i) & pad[:, None, None, :],
     "random_buffer": lambda i, j, pad: RANDOM_KEEP & (j <= i) & pad[:, None, None, :],
+    "distance_beyond_a_band": lambda i, j, pad: (torch.abs(i - j) >= 2) & pad[:, None, None, :],
+    "distance_to_twice_the_key": lambda i, j, pad: (torch.abs(i - 2 * j) <= 2) & pad[:, None, None, :],
 }
 
 

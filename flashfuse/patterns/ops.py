@@ -94,6 +94,7 @@ RANDOM = _targets(torch.rand, torch.randn, torch.randint, torch.rand_like, torch
                   "bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "new_empty")
 PLUS = _targets(operator.add, torch.add)
 MINUS = _targets(operator.sub, torch.sub)
+ABS = _targets(operator.abs, torch.abs, "abs")
 ARANGE = _targets(torch.arange)
 ZEROS_LIKE = torch.zeros_like
 ZEROS = _targets(torch.zeros, ZEROS_LIKE)

@@ -1,11 +1,11 @@
 """Masks built in the graph, taken apart into causal / sliding-window structure and key padding.
 
-Hugging Face builds its masks inside the compiled graph: aranges over queries and keys, compared
-(`kv <= q` causal, `kv > q - w` sliding window), and-ed with the padding as `padding_mask[batch, kv]`
-(shape (B, 1, 1, Nk)), and turned into an additive tensor by `where(keep, 0, finfo.min)`. `decompose`
-proves such a mask is the conjunction of structural terms, which the op takes as `causal` / `window`
-and skips block by block, and key terms (size 1 on the query dim: they depend on batch, head and key
-only), which the op takes as a small (B, 1, 1, Nk) mask instead of an N x N tensor. A comparison of
+Hugging Face builds its masks inside the compiled graph: aranges over queries and keys, compared (`kv <= q`
+causal, `kv > q - w` sliding window, `abs(q - kv) <= w` a two-sided one), and-ed with the padding as
+`padding_mask[batch, kv]` (shape (B, 1, 1, Nk)), and turned into an additive tensor by `where(keep, 0,
+finfo.min)`. `decompose` proves such a mask is the conjunction of structural terms, which the op takes as
+`causal` / `window` and skips block by block, and key terms (size 1 on the query dim: they depend on batch, head
+and key only), which the op takes as a small (B, 1, 1, Nk) mask instead of an N x N tensor. A comparison of
 positions with a constant that holds at every position (`q >= 0`: transformers' bidirectional mask) is no
 constraint. Any other term keeps the whole mask a tensor, with the reason.
 
@@ -74,13 +74,16 @@ def decompose(cond, keeps, nq, nk):
             if truth != keep:
                 return f"mask term {term.name} hides every key"
             continue  # kept everywhere (bidirectional masks: q >= 0), or hides nothing
-        bound = _bound(term) if keep or ops.target(term) != ops.ONES_METHOD else None
-        if bound is not None:
-            kind, value = bound if keep else _hidden_to_kept(bound)
-            if kind == "le":
-                right = min(right, value - offset)
-            else:
-                left = min(left, offset - value)
+        bounds = _distance_bounds(term, keep)
+        if bounds is None:
+            bound = _bound(term) if keep or ops.target(term) != ops.ONES_METHOD else None
+            bounds = None if bound is None else [bound if keep else _hidden_to_kept(bound)]
+        if bounds is not None:
+            for kind, value in bounds:
+                if kind == "le":
+                    right = min(right, value - offset)
+                else:
+                    left = min(left, offset - value)
         elif _keys_only(term):
             keys.append((term, keep))
         else:
@@ -220,6 +223,38 @@ def _bound(term):
     # j + a1 (kind) i + b1
     shift = b[1] - a[1]
     return {"le": ("le", shift), "lt": ("le", shift - 1), "ge": ("ge", shift), "gt": ("ge", shift + 1)}[kind]
+
+
+def _distance_bounds(term, keep):
+    """The two bounds [("ge", m - w), ("le", m + w)] of the keys kept by a distance term, |k - q - m| <= w (a
+    bidirectional sliding window: ModernBERT's local layers build `abs(q - kv) <= w`), given as that term kept, or
+    as its complement hidden; None for any other term (a distance kept beyond w is no band)."""
+    kind = ops.COMPARE.get(ops.target(term))
+    if kind is None or len(term.args) != 2:
+        return None
+    a, b = term.args
+    if ops.target(a) not in ops.ABS:  # w >= |d| is |d| <= w
+        a, b, kind = b, a, _FLIPPED[kind]
+    if ops.target(a) not in ops.ABS or isinstance(b, Node) or _static_int(b) is None:
+        return None
+    m, w = _difference(a.args[0]), _static_int(b)
+    within = {("le", True): w, ("lt", True): w - 1, ("gt", False): w, ("ge", False): w - 1}.get((kind, keep))
+    if m is None or within is None:
+        return None
+    return [("ge", m - within), ("le", m + within)]
+
+
+def _difference(node):
+    """m with |node| = |k - q - m| when node is a difference of query and key positions (each plus a constant),
+    either way round; else None."""
+    if ops.target(node) not in ops.MINUS or len(node.args) != 2:
+        return None
+    a, b = _index(node.args[0]), _index(node.args[1])
+    if a is None or b is None or a[0] == b[0]:
+        return None
+    if a[0] == "q":  # (q + ca) - (k + cb) = -(k - q - (ca - cb))
+        return a[1] - b[1]
+    return b[1] - a[1]  # (k + ca) - (q + cb) = k - q - (cb - ca)
 
 
 def _index(node):

@@ -56,6 +56,9 @@ _HF = {
                                      pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=16,
                                      **_SMALL), "padded"),
     "clip_text": ("CLIPText", dict(num_hidden_layers=1, **_SMALL), "ids"),
+    # a global layer, then a local one: a bidirectional sliding window spelled abs(q - kv) <= 2
+    "modernbert_local": ("ModernBert", dict(num_hidden_layers=2, local_attention=4, global_attn_every_n_layers=2,
+                                            pad_token_id=0, **_SMALL), "padded"),
     "siglip_vision": ("SiglipVision", dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
                                            intermediate_size=64, image_size=32, patch_size=8), "pixels"),
 }
