@@ -12,10 +12,10 @@ No torch.compile needed: every attention layer calls `flashfuse.attention` with 
 (a bool mask, or none when causal alone says it); a query that sees no key (a left-padded position) gives 0,
 as SDPA does, so nothing undefined reaches the next layer.
 
-Padded batches at causal speed: when the mask transformers built is exactly causal (or a sliding window, or
-nothing) and-ed with the padding, aligned as the op aligns causal masks, `mask_interface` notes that, and
-each layer runs with the op's causal / window flags and the (B, 1, 1, Nk) padding alone; blocks past the
-diagonal are skipped and no N x N mask is read. Any other mask (or a view of it) is used as it is.
+Padded batches at causal speed: when the mask transformers built is exactly causal (or a sliding window, one- or
+two-sided, or nothing) and-ed with the padding, aligned as the op aligns causal masks, `mask_interface` notes
+that, and each layer runs with the op's causal / window flags and the (B, 1, 1, Nk) padding alone; blocks past
+the diagonal are skipped and no N x N mask is read. Any other mask (or a view of it) is used as it is.
 """
 import weakref
 
@@ -76,8 +76,9 @@ def mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, att
         return full  # not aligned at the bottom right (a static cache's empty tail): not the op's causal
     keys = padding[:, kv_offset:kv_offset + kv_length].bool()[:, None, None, :]  # (B, 1, 1, Nk)
     candidates = [(False, None), (True, None)]
-    if local_size is not None:  # HF's window keeps kv > q - local_size: local_size - 1 keys left of the diagonal
-        candidates.append((True, (int(local_size) - 1, -1)))
+    if local_size is not None:  # HF's window keeps kv > q - local_size: local_size - 1 keys left of the diagonal;
+        # its bidirectional one (ModernBERT) keeps |q - kv| <= local_size
+        candidates += [(True, (int(local_size) - 1, -1)), (False, (int(local_size), int(local_size)))]
     for causal, window in candidates:
         spec = AttentionSpec(causal=causal, window=window or (-1, -1))
         structure = visible(q_length, kv_length, spec, full.device)  # the op's rule; None: every key

@@ -92,3 +92,28 @@ def test_a_mask_with_another_term_stays_whole():
     full = hf.mask_interface(batch_size=2, q_length=7, kv_length=7, attention_mask=pad.cpu().bool(),
                              mask_function=and_masks(causal_mask_function, lambda b, h, q, kv: kv != 5))
     assert full.shape == (2, 1, 7, 7) and id(full) not in hf._STRUCTURE
+
+
+def test_bidirectional_sliding_window_runs_as_a_two_sided_window(monkeypatch):
+    """ModernBERT's local layers keep |q - kv| <= local_size: the window (w, w) and the key mask, not the N x N
+    mask; its global layer is the key mask alone. The outputs at real positions equal eager's."""
+    from flashfuse import hf
+    cfg = transformers.ModernBertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                        intermediate_size=64, vocab_size=101, local_attention=4,
+                                        global_attn_every_n_layers=2, pad_token_id=0)
+    torch.manual_seed(0)
+    eager = transformers.ModernBertModel._from_config(cfg, attn_implementation="eager").to(DEVICE).eval()
+    fused = transformers.ModernBertModel._from_config(cfg, attn_implementation="fuse").to(DEVICE).eval()
+    fused.load_state_dict(eager.state_dict())
+    ids, mask = _batch()
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["causal"], kwargs["window"], tuple(kwargs["mask"].shape)))
+        return flashfuse.attention(*args, **kwargs)
+    monkeypatch.setattr(hf, "attention", spy)
+    got = fused(input_ids=ids, attention_mask=mask).last_hidden_state
+    keys = (2, 1, 1, ids.shape[1])
+    assert calls == [(False, None, keys), (False, (2, 2), keys)]
+    want = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-5)
