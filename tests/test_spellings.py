@@ -219,6 +219,32 @@ def test_key_permuted_straight_to_transposed_layout():
     assert_equivalent(whisper_old, x, *ws, expected_sites=1, options=FAST)
 
 
+def _complex_rope(x, freqs):
+    """Rotary embeddings as Meta's Llama code (and transformers' Llama 4) write them: feature pairs as complex
+    numbers, rotated, and flattened back. x (B, N, H, D); freqs (N, D / 2) complex."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(3).type_as(x)
+
+
+def test_complex_rotary_embeddings_keep_the_feature_axis():
+    def llama4(x, wq, wk, wv, freqs):
+        q = _complex_rope((x @ wq).view(B, NQ, H, D), freqs).transpose(1, 2)
+        k = _complex_rope((x @ wk).view(B, NQ, H, D), freqs).transpose(1, 2)
+        v = (x @ wv).view(B, NQ, H, D).transpose(1, 2)
+        return (torch.softmax(q @ k.transpose(2, 3) * D**-0.5, dim=-1) @ v).transpose(1, 2).reshape(B, NQ, H * D)
+    x, ws = rand(B, NQ, H * D), [rand(H * D, H * D) for _ in range(3)]
+    freqs = torch.polar(torch.ones(NQ, D // 2), torch.arange(NQ)[:, None] * torch.rand(D // 2))
+    assert_equivalent(llama4, x, *ws, freqs, expected_sites=1, options=FAST)
+
+
+def test_merging_tokens_into_the_features_is_not_attention():
+    """A reshape that merges a token axis into the last one makes a product over tokens and features together."""
+    def fn(q, k, v):
+        qs, ks = q.reshape(B, H, 1, NQ * D), k.reshape(B, H, 1, NQ * D)
+        return torch.softmax(qs @ ks.mT, -1) @ v[:, :, :1]
+    left_alone(fn, *qkv(nk=NQ), reason="feature")
+
+
 def test_einsum_products():
     fn = lambda q, k, v: torch.einsum(  # noqa: E731
         "bhqk,bhkd->bhqd", torch.einsum("bhqd,bhkd->bhqk", q, k).mul(0.25).softmax(-1), v)

@@ -1,10 +1,11 @@
 """Where tensor dims come from: the proofs that a product contracts over the head dim, and GQA.
 
-`is_feature_axis(node, dim)` follows a dim back through views, transposes, slices and elementwise
-ops to the op that produced the data (a projection, an input): it holds when the dim is that
-tensor's last axis, its features. q.kT must contract q's and k's feature axes; p.v must not
-contract v's. A product of q with an untransposed k contracts k's token axis, and is refused,
-even when N == D makes the shapes fit.
+`is_feature_axis(node, dim)` follows a dim back through views, transposes, slices and elementwise ops to the
+op that produced the data (a projection, an input): it holds when the dim is that tensor's last axis, its
+features. A last axis that merges several back (rotary embeddings that view feature pairs as complex numbers)
+holds when together they are one feature axis split up. q.kT must contract q's and k's feature axes; p.v must
+not contract v's. A product of q with an untransposed k contracts k's token axis, and is refused, even when N
+== D makes the shapes fit.
 """
 import torch
 from torch.fx import Node
@@ -30,6 +31,9 @@ def is_feature_axis(node, dim, depth=0):
     if key is None or depth > _MAX_DEPTH:
         return dim == rank - 1
     src = node.args[0] if node.args else None
+    trailing = _merged_trailing_dims(node, key, src) if dim == rank - 1 else None
+    if trailing:  # the last axis is several of src's merged back, or a complex view of two
+        return _is_feature_block(src, trailing, depth + 1)
     if key in ops.EINSUM:
         step = _einsum_source(node, dim)
     else:
@@ -43,6 +47,63 @@ def is_feature_axis(node, dim, depth=0):
 
 
 _ROOT = object()
+
+
+def _merged_trailing_dims(node, key, src):
+    """k >= 2 when node's last axis holds src's last k axes: a reshape that merges them (rotary embeddings'
+    `view_as_real(...).flatten(-2)`), or view_as_complex (k = 2: the pair of reals); else None."""
+    if not isinstance(src, Node) or _rank(src) is None:
+        return None
+    if key in ops.VIEW_AS_COMPLEX:
+        return 2
+    if key not in ops.RESHAPE or _rank(src) < 2:
+        return None
+    last, inp = meta(node).shape[-1], meta(src).shape
+    size = 1
+    for k in range(1, len(inp) + 1):
+        size = size * inp[-k]
+        if _known(size == last):
+            return k if k >= 2 else None
+        if not _known(size < last) and not _known(size <= last):
+            return None
+    return None
+
+
+def _is_feature_block(node, k, depth):
+    """True if node's last k axes together are one feature axis split up: they come, through elementwise ops,
+    complex views and reshapes that split or merge only them, from a tensor's last (feature) axis."""
+    rank = _rank(node)
+    if rank is None or depth > _MAX_DEPTH or k > rank:
+        return False
+    if k == 1:
+        return is_feature_axis(node, rank - 1, depth)
+    key = ops.target(node)
+    src = node.args[0] if node.args else None
+    if not isinstance(src, Node) or _rank(src) is None:
+        return False
+    if (key in ops.SAME_DIMS and _rank(src) == rank) or key in ops.ELEMENTWISE:
+        if key in ops.ELEMENTWISE:  # the operand of the output's own shape carries the block
+            full = [a for a in node.args if isinstance(a, Node) and tuple(meta(a).shape) == tuple(meta(node).shape)]
+            if not full:
+                return False
+            src = full[0]
+        return _is_feature_block(src, k, depth + 1)
+    if key in ops.VIEW_AS_REAL:  # the last k real axes are the complex tensor's last k - 1
+        return _is_feature_block(src, k - 1, depth + 1)
+    if key in ops.VIEW_AS_COMPLEX:
+        return _is_feature_block(src, k + 1, depth + 1)
+    if key in ops.RESHAPE:  # the block's elements must be exactly src's last j axes'
+        out, inp = meta(node).shape, meta(src).shape
+        block = 1
+        for d in out[rank - k:]:
+            block = block * d
+        size = 1
+        for j in range(1, len(inp) + 1):
+            size = size * inp[-j]
+            if _known(size == block):
+                return all(_known(out[i] == inp[i]) for i in range(rank - k)) and \
+                    _is_feature_block(src, j, depth + 1)
+    return False
 
 
 def _source_dim(node, key, src, dim, rank):  # noqa: C901  (one case per layout op)

@@ -59,6 +59,8 @@ ELEMENTWISE = _targets(operator.add, operator.mul, operator.sub, operator.truedi
                        torch.div, "add", "mul", "sub", "div", "__add__", "__mul__", "__sub__", "__truediv__",
                        _aten.mul.Tensor, _aten.mul.Scalar)
 TRANSPOSE = _targets("transpose", torch.transpose, "swapaxes", "swapdims")
+VIEW_AS_COMPLEX = _targets(torch.view_as_complex)  # (..., n, 2) real -> (..., n) complex: rotary embeddings
+VIEW_AS_REAL = _targets(torch.view_as_real)  # (..., n) complex -> (..., n, 2) real
 MATRIX_TRANSPOSE = _targets("mT", getattr(torch.ops.aten, "mT", "mT"))
 PERMUTE = _targets("permute", torch.permute)
 MOVEDIM = _targets("movedim", "moveaxis", torch.movedim, torch.moveaxis)

@@ -56,6 +56,9 @@ _HF = {
                                      pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=16,
                                      **_SMALL), "padded"),
     "clip_text": ("CLIPText", dict(num_hidden_layers=1, **_SMALL), "ids"),
+    # rotary embeddings through complex numbers (view_as_complex, view_as_real), an L2 norm of q and k, chunked masks
+    "llama4_complex_rope": ("Llama4Text", dict(num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
+                                               num_local_experts=2, intermediate_size_mlp=64, **_SMALL), "padded"),
     # a global layer, then a local one: a bidirectional sliding window spelled abs(q - kv) <= 2
     "modernbert_local": ("ModernBert", dict(num_hidden_layers=2, local_attention=4, global_attn_every_n_layers=2,
                                             pad_token_id=0, **_SMALL), "padded"),
