@@ -221,20 +221,41 @@ def test_key_permuted_straight_to_transposed_layout():
 
 def _complex_rope(x, freqs):
     """Rotary embeddings as Meta's Llama code (and transformers' Llama 4) write them: feature pairs as complex
-    numbers, rotated, and flattened back. x (B, N, H, D); freqs (N, D / 2) complex."""
+    numbers, rotated, and flattened back. x (B, N, H, D); freqs (N, D / 2, 2): cos and sin."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(3).type_as(x)
+    rotation = torch.view_as_complex(freqs.contiguous())[None, :, None, :]
+    return torch.view_as_real(pairs * rotation).flatten(3).type_as(x)
 
 
-def test_complex_rotary_embeddings_keep_the_feature_axis():
-    def llama4(x, wq, wk, wv, freqs):
-        q = _complex_rope((x @ wq).view(B, NQ, H, D), freqs).transpose(1, 2)
-        k = _complex_rope((x @ wk).view(B, NQ, H, D), freqs).transpose(1, 2)
+def _paired_rope(x, freqs):
+    """The same in real numbers, as gpt-fast writes it: the pairs' two rotated components stacked."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    f = freqs[None, :, None]
+    out = torch.stack([xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1],
+                       xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]], -1)
+    return out.flatten(3).type_as(x)
+
+
+@pytest.mark.parametrize("rope", [_complex_rope, _paired_rope])
+def test_rotary_embeddings_on_feature_pairs_keep_the_feature_axis(rope):
+    def fn(x, wq, wk, wv, freqs):
+        q = rope((x @ wq).view(B, NQ, H, D), freqs).transpose(1, 2)
+        k = rope((x @ wk).view(B, NQ, H, D), freqs).transpose(1, 2)
         v = (x @ wv).view(B, NQ, H, D).transpose(1, 2)
         return (torch.softmax(q @ k.transpose(2, 3) * D**-0.5, dim=-1) @ v).transpose(1, 2).reshape(B, NQ, H * D)
     x, ws = rand(B, NQ, H * D), [rand(H * D, H * D) for _ in range(3)]
-    freqs = torch.polar(torch.ones(NQ, D // 2), torch.arange(NQ)[:, None] * torch.rand(D // 2))
-    assert_equivalent(llama4, x, *ws, freqs, expected_sites=1, options=FAST)
+    angles = torch.arange(NQ)[:, None] * torch.rand(D // 2)
+    assert_equivalent(fn, x, *ws, torch.stack([angles.cos(), angles.sin()], -1), expected_sites=1, options=FAST)
+
+
+def test_pairs_of_two_tensors_stacked_prove_nothing():
+    """The proof needs every stacked component to come from one tensor's pairs; components of two tensors' pairs
+    prove nothing, so the site is left alone (fail closed) and says why."""
+    def fn(q, k, v):
+        qs, ks = q.reshape(B, H, NQ, -1, 2), k.reshape(B, H, NQ, -1, 2)
+        q2 = torch.stack([qs[..., 0], ks[..., 1]], -1).flatten(3)
+        return torch.softmax(q2 @ k.mT, -1) @ v
+    left_alone(fn, *qkv(nk=NQ), reason="feature")
 
 
 def test_merging_tokens_into_the_features_is_not_attention():

@@ -69,6 +69,25 @@ def _merged_trailing_dims(node, key, src):
     return None
 
 
+def _pair_source(node, depth):
+    """x when node is an elementwise function of x[..., 0], x[..., 1], ... (the components of x's last axis) and
+    of tensors broadcast against them: one entry of a rotation within x's last axis. None otherwise."""
+    if not isinstance(node, Node) or depth > _MAX_DEPTH:
+        return None
+    key = ops.target(node)
+    if key in ops.GETITEM and isinstance(node.args[1], tuple) and len(node.args[1]) == 2 \
+            and node.args[1][0] is Ellipsis and isinstance(node.args[1][1], int) and isinstance(node.args[0], Node):
+        return node.args[0]
+    if key in ops.SAME_DIMS and node.args and isinstance(node.args[0], Node):
+        return _pair_source(node.args[0], depth + 1)
+    if key not in ops.ELEMENTWISE:
+        return None
+    shape = tuple(meta(node).shape)
+    full = [a for a in node.args if isinstance(a, Node) and tuple(meta(a).shape) == shape]
+    sources = {_pair_source(a, depth + 1) for a in full}
+    return sources.pop() if len(sources) == 1 else None
+
+
 def _is_feature_block(node, k, depth):
     """True if node's last k axes together are one feature axis split up: they come, through elementwise ops,
     complex views and reshapes that split or merge only them, from a tensor's last (feature) axis."""
@@ -78,6 +97,12 @@ def _is_feature_block(node, k, depth):
     if k == 1:
         return is_feature_axis(node, rank - 1, depth)
     key = ops.target(node)
+    if key in ops.STACK and k == 2:  # stack([f(x[..., 0], x[..., 1]), ...], -1): x's (n, 2) block, rotated
+        along = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        parts = node.args[0] if isinstance(node.args[0], (list, tuple)) else ()
+        sources = {_pair_source(p, depth + 1) for p in parts}
+        return (along % rank == rank - 1 and len(sources) == 1 and None not in sources
+                and _is_feature_block(sources.pop(), 2, depth + 1))
     src = node.args[0] if node.args else None
     if not isinstance(src, Node) or _rank(src) is None:
         return False
