@@ -148,6 +148,9 @@ def draw_choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_di
         if product == "einsum":
             c.pick("einsum_form", ("dk",) if kt == "pre_permuted" else ("kd", "dk"))
     baddbmm = product.startswith("baddbmm")
+    # rotary embeddings on q's and k's feature pairs: complex numbers (Llama 4, Meta's code) or stacked pairs
+    if not three_d and c.values.get("kT") != "pre_permuted" and d % 2 == 0:
+        c.pick("rope", ("none", "none", "complex", "pairs"))
 
     # scale (bf16: no softmax more peaked than with the usual D ** -0.5, see OPEN_BUGS)
     peaked_ok = not (kind == "attention" and c.values["dtype"] == "bfloat16" and "bf16_peaked_gradients" in avoid)

@@ -32,6 +32,23 @@ def repeat_kv(x, n):
 '''
 
 
+_ROPE = {  # x (..., N, D), angles (N, D // 2): each feature pair rotated by its position's angles
+    "complex": '''
+def rope(x, angles):
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    angles = angles.float()
+    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2).type_as(x)
+''',
+    "pairs": '''
+def rope(x, angles):
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = angles.float().cos(), angles.float().sin()
+    rotated = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], -1)
+    return rotated.flatten(-2).type_as(x)
+''',
+}
+
+
 class ProgramWriter(ScoreStages, MaskStages):  # noqa: PLR0904  (one method per stage)
     """Writes the program a dict of choices describes; `build()` returns its source."""
 
@@ -105,6 +122,7 @@ class ProgramWriter(ScoreStages, MaskStages):  # noqa: PLR0904  (one method per 
     def build(self):
         self.sizes()
         self.qkv()
+        self.rope()
         self.gqa()
         self.operand_scales()
         self.product()
@@ -208,6 +226,18 @@ class ProgramWriter(ScoreStages, MaskStages):  # noqa: PLR0904  (one method per 
                         s.line(f"{name} = {split}.reshape({b} * H, -1, {d})")
                     else:
                         s.line(f"{name} = {split}.contiguous().view({b} * H, -1, {d})")
+
+    def rope(self):
+        """Rotary embeddings on q and k, (B, H, N, D), as the angles (N, D // 2) of each one's positions say."""
+        form = self.c.get("rope", "none")
+        if form == "none":
+            return
+        s = self.src
+        s.helpers.append(_ROPE[form])
+        frequencies = torch.rand(self.D // 2, generator=self.gen)
+        for name, n in (("q", self.NQ), ("k", self.NK)):
+            s.arg(f"angles_{name}", (torch.arange(n)[:, None] * frequencies).to(self.dtype))
+            s.line(f"{name} = rope({name}, angles_{name})")
 
     def gqa(self):
         c, s = self.c, self.src
