@@ -126,7 +126,8 @@ def _is_feature_block(node, k, depth):
         for j in range(1, len(inp) + 1):
             size = size * inp[-j]
             if _known(size == block):
-                return all(_known(out[i] == inp[i]) for i in range(rank - k)) and \
+                lead = rank - k  # the dims before the block: the same ones, unchanged
+                return lead == len(inp) - j and all(_known(out[i] == inp[i]) for i in range(lead)) and \
                     _is_feature_block(src, j, depth + 1)
     return False
 
