@@ -33,6 +33,18 @@ def _pair(family):
     return eager, fused
 
 
+def _attention_calls(monkeypatch):
+    """The (causal, window, mask shape) of every call the "fuse" attention makes from now on."""
+    from flashfuse import hf
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["causal"], kwargs["window"], tuple(kwargs["mask"].shape)))
+        return flashfuse.attention(*args, **kwargs)
+    monkeypatch.setattr(hf, "attention", spy)
+    return calls
+
+
 def _batch():
     ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -68,15 +80,9 @@ def test_training_step_gradients_match_eager(family):
 def test_padded_batch_runs_as_structure_plus_key_padding(family, window, monkeypatch):
     """The mask transformers builds for a padded batch reaches the kernels as causal (and window) flags and a
     (B, 1, 1, N) key mask; the outputs at real positions equal eager's."""
-    from flashfuse import hf
     eager, fused = _pair(family)
     ids, mask = _batch()
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append((kwargs["causal"], kwargs["window"], tuple(kwargs["mask"].shape)))
-        return flashfuse.attention(*args, **kwargs)
-    monkeypatch.setattr(hf, "attention", spy)
+    calls = _attention_calls(monkeypatch)
     got = fused(input_ids=ids, attention_mask=mask).logits
     assert calls == [(True, window, (2, 1, 1, ids.shape[1]))] * 2
     want = eager(input_ids=ids, attention_mask=mask).logits
@@ -97,7 +103,6 @@ def test_a_mask_with_another_term_stays_whole():
 def test_bidirectional_sliding_window_runs_as_a_two_sided_window(monkeypatch):
     """ModernBERT's local layers keep |q - kv| <= local_size: the window (w, w) and the key mask, not the N x N
     mask; its global layer is the key mask alone. The outputs at real positions equal eager's."""
-    from flashfuse import hf
     cfg = transformers.ModernBertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                         intermediate_size=64, vocab_size=101, local_attention=4,
                                         global_attn_every_n_layers=2, pad_token_id=0)
@@ -106,12 +111,7 @@ def test_bidirectional_sliding_window_runs_as_a_two_sided_window(monkeypatch):
     fused = transformers.ModernBertModel._from_config(cfg, attn_implementation="fuse").to(DEVICE).eval()
     fused.load_state_dict(eager.state_dict())
     ids, mask = _batch()
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append((kwargs["causal"], kwargs["window"], tuple(kwargs["mask"].shape)))
-        return flashfuse.attention(*args, **kwargs)
-    monkeypatch.setattr(hf, "attention", spy)
+    calls = _attention_calls(monkeypatch)
     got = fused(input_ids=ids, attention_mask=mask).last_hidden_state
     keys = (2, 1, 1, ids.shape[1])
     assert calls == [(False, None, keys), (False, (2, 2), keys)]
