@@ -59,6 +59,24 @@ def test_padded_batch_is_structure_plus_key_padding(family, side):
     assert gradients_error(actual_grads, expected_grads) < GRADIENT[torch.float32]
 
 
+SDPA_MASKS = {"llama": (True, (-1, -1)), "mistral": (True, (4, -1)), "modernbert_local": (False, None),
+              "bert": (False, (-1, -1))}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", list(SDPA_MASKS))
+def test_sdpa_models_padded_batch_is_structure_plus_key_padding(family, side):
+    """transformers' default attention, "sdpa", hands F.scaled_dot_product_attention the same masks as a bool
+    attn_mask: the SDPA site gets the structure and the key padding too, with SDPA's zeros for a query that sees no
+    key; outputs and gradients equal eager's."""
+    model, inputs = models.build(family, padding=side, attn="sdpa")
+    sites = assert_equivalent(models.Positional(model, inputs), *inputs.values(), options={"compiler": "eager"})
+    causal, window = SDPA_MASKS[family]
+    assert sites and all(s.kind == "sdpa" and s.spec.causal == causal for s in sites)
+    assert all(s.operands["mask_note"] == "key_padding" and s.spec.empty_rows == "zero" for s in sites)
+    assert {s.spec.window for s in sites} == ({(-1, -1), (2, 2)} if window is None else {window})
+
+
 # -- the spellings: q (B, H, N, D); a (B, N) padding vector; masks built in the graph as transformers does ------
 
 B, H, N, D = 2, 2, 10, 8

@@ -16,7 +16,7 @@ from flashfuse.patterns.chain import STACKED, chain_back, fold, obstacle, rounde
 from flashfuse.patterns.ops import classify
 from flashfuse.patterns.plan import Operand, Plan, Refuse, constant, keeps_last_two, real_users, single_user, tensor_of
 from flashfuse.patterns.products import score_product, value_product
-from flashfuse.patterns.sdpa import sdpa_plan
+from flashfuse.patterns.sdpa import sdpa_plan as _sdpa_plan
 from flashfuse.patterns.structure import additive_mask, decompose
 
 __all__ = ["Refuse", "Plan", "match_softmax", "sdpa_plan", "is_softmax", "is_attention"]
@@ -61,6 +61,14 @@ def match_softmax(softmax):
         plan.update(empty_rows="zero")  # the sink takes all the weight of a query that sees no key: 0
     plan.output = _after_softmax(softmax, plan)
     _check_operands(plan)
+    return plan
+
+
+def sdpa_plan(node):
+    """An existing F.scaled_dot_product_attention call as a Plan (sdpa.py), its mask taken apart into structure
+    and key padding as a softmax site's is (transformers' default "sdpa" attention builds the same masks)."""
+    plan = _sdpa_plan(node)
+    _take_structure(plan)
     return plan
 
 

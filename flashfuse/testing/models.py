@@ -181,3 +181,16 @@ def first_output(out):
     if hasattr(out, "last_hidden_state"):
         return out.last_hidden_state
     return out[0]
+
+
+class Positional(torch.nn.Module):
+    """model(**inputs) as a module that takes the inputs' values positionally and returns `first_output`: its
+    parameters are the model's, so `assert_equivalent(Positional(model, inputs), *inputs.values())` compares the
+    parameters' gradients too."""
+
+    def __init__(self, model, inputs):
+        super().__init__()
+        self.model, self.names = model, list(inputs)
+
+    def forward(self, *values):
+        return first_output(self.model(**dict(zip(self.names, values))))
