@@ -6,9 +6,11 @@
 Unmodified Hugging Face models from their configs (flashfuse.testing.models.BENCH, random weights), bf16.
 Variants: `inductor` torch.compile of the eager-attention model; `sdpa` the model with
 attn_implementation="sdpa" (cuDNN / FlashAttention through SDPA), not compiled; `sdpa_inductor` that model
-compiled; `flashfuse` the eager-attention model compiled with backend="flashfuse". Padding: a left-padded
-attention_mask (the first sequence's first third). Inference is one forward under no_grad in eval mode; a
-training step is forward + backward of the mean output in train mode (dropout on where the config has it).
+compiled; `flashfuse` the eager-attention model compiled with backend="flashfuse"; `sdpa_flashfuse` the SDPA
+model (transformers' default attention) compiled with backend="flashfuse", its SDPA calls routed to the op.
+Padding: a left-padded attention_mask (the first sequence's first third). Inference is one forward under no_grad
+in eval mode; a training step is forward + backward of the mean output in train mode (dropout on where the
+config has it).
 
 Per row: p20 / p50 / p80 ms (do_bench), GPU kernel ms per step (torch.profiler), host ms per step (until the
 call returns, from an idle GPU), peak memory of the training step, and the output's relative distance from
@@ -29,7 +31,7 @@ import flashfuse  # noqa: E402,F401  (registers the backend)
 from flashfuse.testing import models  # noqa: E402
 
 VARIANTS = {"inductor": ("eager", "inductor"), "sdpa": ("sdpa", None), "sdpa_inductor": ("sdpa", "inductor"),
-            "flashfuse": ("eager", "flashfuse")}
+            "flashfuse": ("eager", "flashfuse"), "sdpa_flashfuse": ("sdpa", "flashfuse")}
 
 
 def measure(name, variant, padding):
