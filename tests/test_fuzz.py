@@ -393,6 +393,22 @@ def test_the_fp32_rounding_floor_clears_torch_own_flash_backward():
     assert abs(grads[3].item()) <= FLOAT64_SLACK * ROUNDING_FLOOR[torch.float32] * total
 
 
+def test_a_minus_inf_bias_before_a_finite_causal_fill_keeps_the_mask_a_tensor():
+    """Was a wrong answer (interpreter run, 2026-12-03, seed 3300000, when the strategy learned causal masks built
+    from positions): a -inf padding bias, then where(causal, s, -1e9). Query 0 of the padded row sees only key 0,
+    which the bias makes -inf, so eager puts its weight on the filled key 1; with causal structure the op hid key 1
+    with -inf too (NaN). A finite fill beside another bias now keeps the mask a tensor."""
+    check_program(build_program({
+        "kind": "attention", "dtype": "bfloat16", "layout": "proj3d", "B": 2, "H": 2, "D": 8, "DV": 16, "NQ": 2,
+        "cross": False, "NK": 2, "sizes": "shape", "linear_bias": False, "heads_split": "view_transpose",
+        "flatten_heads": "reshape", "gqa": "none", "product": "einsum", "kT": "torch_transpose", "einsum_form": "dk",
+        "scale": "after", "scale_op": "mul", "scale_value": "sqrt_d", "bias": "padding_inf", "bias_shape": "XQK",
+        "softcap": "tanh_mul", "softcap_value": 50.0, "bias_add": "iadd", "masks": "causal",
+        "causal_source": "positions", "pad_side": "left", "pads": (0, 1), "fill_form0": "where_keep",
+        "negation": "eq0", "fill": "-1e9", "softmax": "float_type_as", "dropout": "module", "value_product": "matmul",
+        "output": "merge", "o_proj": True, "calls": 2, "seed": 36533}))
+
+
 def test_a_minus_inf_bias_beside_a_finite_key_fill_keeps_eager_weights():
     """Was a wrong answer (GPU run, 2026-12-01: relative error 0.84): a -inf padding bias hid a query's visible keys
     and a finite fill the rest; eager puts all the weight on the filled keys, and the op's empty_rows="average"

@@ -94,9 +94,11 @@ def _take_structure(plan):
     # the band) averages v over all Nk keys in eager, which empty_rows="average" restores. Without structure the
     # op fills exactly the keys eager fills, and the formula is eager's answer.
     average = finite and parts.window != (-1, -1)  # structure: causal or a window
-    if average and any(t is not remove for t in plan.bias):
+    if math.isfinite(fill) and parts.window != (-1, -1) and any(t is not remove for t in plan.bias):
+        # where the bias is -inf (or below the fill) on every key of a query's band, eager weighs the keys the
+        # structure filled, which the op hides with -inf: exact only without such a bias
         plan.mask_note = ("tensor: a bias beside structure and a finite fill: where the bias is -inf on every key "
-                          "of a padded query's band, eager averages only the other keys")
+                          "of a query's band, eager weighs the filled keys")
         return
     adds = bool(finite and remove is not None)
     if adds and fill > HUGE_FILL:

@@ -216,7 +216,7 @@ def draw_choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_di
         c.pick("random_shape", patterns)
         c.pick("random_polarity", ("keep", "hide"))
     if "causal" in parts:
-        c.pick("causal_source", ("buffer_bool", "buffer_float", "inline_tril", "inline_triu"))
+        c.pick("causal_source", ("buffer_bool", "buffer_float", "inline_tril", "inline_triu", "positions", "distance"))
     needs_pads = "padding" in parts or bias in ("padding_min", "padding_inf", "hf_long")
     if needs_pads:
         c.pick("pad_side", ("left", "right"))

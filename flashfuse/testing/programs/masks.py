@@ -115,6 +115,16 @@ class MaskStages:
             elif src == "inline_tril":
                 s.line(f"causal = torch.ones(NQ, NK, dtype=torch.bool, device=q.device).tril({diagonal})")
                 out.append(("causal", "keep", hide4))
+            elif src == "positions":  # transformers' masking_utils: key positions compared with query positions
+                s.line(f"i = torch.arange(NQ, device=q.device)[:, None] + {diagonal}")
+                s.line("causal = torch.arange(NK, device=q.device)[None, :] <= i")
+                out.append(("causal", "keep", hide4))
+            elif src == "distance":  # instead of causal, a two-sided band |i - j| <= 2 (ModernBERT's local layers)
+                i = torch.arange(self.NQ)[:, None] + diagonal
+                band = (i - torch.arange(self.NK)[None, :]).abs() <= 2
+                s.line(f"i = torch.arange(NQ, device=q.device)[:, None] + {diagonal}")
+                s.line("near = (i - torch.arange(NK, device=q.device)[None, :]).abs() <= 2")
+                out.append(("near", "keep", ~band.expand(self.B, self.H, self.NQ, self.NK)))
             else:
                 s.line(f"future = torch.ones(NQ, NK, dtype=torch.bool, device=q.device).triu({diagonal + 1})")
                 out.append(("future", "hide", hide4))
