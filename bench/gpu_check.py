@@ -114,6 +114,10 @@ CASES = [
     ("keypad window avg 2x4x1024 d64", dict(b=2, hq=4, hkv=4, nq=1024, nk=1024, d=64, window=(256, 0),
                                             mask=(2, 1, 1, 1024), mask_value=-1e9, left_pad=100,
                                             empty_rows="average")),
+    # ModernBERT's local layers: a two-sided band with key padding, rows whose band is all padding averaged
+    ("keypad window(64,64) avg 2x4x1024 d64", dict(b=2, hq=4, hkv=4, nq=1024, nk=1024, d=64, window=(64, 64),
+                                                   mask=(2, 1, 1, 1024), mask_value=MIN, left_pad=300,
+                                                   empty_rows="average", fill_adds=True)),
     ("keypad decode 4x32/8 q1 k4096", dict(b=4, hq=32, hkv=8, nq=1, nk=4096, d=128, causal=True,
                                            mask=(4, 1, 1, 4096), mask_value=MIN, empty_rows="average")),
     # whole key blocks hidden, so the kernels skip them (flash_common.skips_padding)
