@@ -49,6 +49,12 @@ def is_feature_axis(node, dim, depth=0):
 _ROOT = object()
 
 
+def _full_operands(node):
+    """The tensor operands of an elementwise node that have its own shape (not broadcast against it)."""
+    return [a for a in node.args if isinstance(a, Node) and _rank(a) is not None
+            and tuple(meta(a).shape) == tuple(meta(node).shape)]
+
+
 def _merged_trailing_dims(node, key, src):
     """k >= 2 when node's last axis holds src's last k axes: a reshape that merges them (rotary embeddings'
     `view_as_real(...).flatten(-2)`), or view_as_complex (k = 2: the pair of reals); else None."""
@@ -82,9 +88,7 @@ def _pair_source(node, depth):
         return _pair_source(node.args[0], depth + 1)
     if key not in ops.ELEMENTWISE:
         return None
-    shape = tuple(meta(node).shape)
-    full = [a for a in node.args if isinstance(a, Node) and tuple(meta(a).shape) == shape]
-    sources = {_pair_source(a, depth + 1) for a in full}
+    sources = {_pair_source(a, depth + 1) for a in _full_operands(node)}
     return sources.pop() if len(sources) == 1 else None
 
 
@@ -103,15 +107,13 @@ def _is_feature_block(node, k, depth):
         sources = {_pair_source(p, depth + 1) for p in parts}
         return (along % rank == rank - 1 and len(sources) == 1 and None not in sources
                 and _is_feature_block(sources.pop(), 2, depth + 1))
+    if key in ops.ELEMENTWISE:  # the operand of the output's own shape carries the block
+        full = _full_operands(node)
+        return bool(full) and _is_feature_block(full[0], k, depth + 1)
     src = node.args[0] if node.args else None
     if not isinstance(src, Node) or _rank(src) is None:
         return False
-    if (key in ops.SAME_DIMS and _rank(src) == rank) or key in ops.ELEMENTWISE:
-        if key in ops.ELEMENTWISE:  # the operand of the output's own shape carries the block
-            full = [a for a in node.args if isinstance(a, Node) and tuple(meta(a).shape) == tuple(meta(node).shape)]
-            if not full:
-                return False
-            src = full[0]
+    if key in ops.SAME_DIMS and _rank(src) == rank:
         return _is_feature_block(src, k, depth + 1)
     if key in ops.VIEW_AS_REAL:  # the last k real axes are the complex tensor's last k - 1
         return _is_feature_block(src, k - 1, depth + 1)
@@ -166,8 +168,7 @@ def _source_dim(node, key, src, dim, rank):  # noqa: C901  (one case per layout 
     if key in ops.GETITEM:
         return _getitem_source(node, src, dim, rank, src_rank)
     if key in ops.ELEMENTWISE:
-        full = [a for a in node.args if isinstance(a, Node) and _rank(a) == rank
-                and tuple(meta(a).shape) == tuple(meta(node).shape)]
+        full = _full_operands(node)
         return (full[0], dim) if full else None
     if key in ops.SPLIT:
         return _ROOT  # a tuple; getitem on it is handled above
