@@ -1,7 +1,8 @@
 """On a CUDA machine: compile tiny left-padded models with backend="flashfuse" (inductor) and compare with eager,
 printing the full error when compilation fails; then, with --profile, the top GPU kernels of one padded training
-step of a benchmark model under flashfuse and under SDPA + inductor (with --host, also the host time per step
-and the top CPU events).
+step of a benchmark model under flashfuse (the eager-attention model and the SDPA one) and under SDPA + inductor
+(with --host, also the host time per step and the top CPU events: a cudaStreamSynchronize or device-to-host copy
+there means the host waits for the GPU).
 
     python scripts/padded_compile_check.py [--profile gpt2-124M llama-gqa-0.5B] [--host]
 """
@@ -30,7 +31,7 @@ def check():
 
 
 def profile(name, rows=14, host=False):
-    for attn, backend in (("eager", "flashfuse"), ("sdpa", "inductor")):
+    for attn, backend in (("eager", "flashfuse"), ("sdpa", "flashfuse"), ("sdpa", "inductor")):
         model, inputs = models.build(name, device="cuda", dtype=torch.bfloat16, attn=attn, padding=True)
         run = torch.compile(model.train(), backend=backend)
 
