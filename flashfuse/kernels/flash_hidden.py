@@ -22,6 +22,9 @@ from flashfuse.kernels.flash_common import _dot, fill_argument, precision
 
 BLOCK_M = 64
 BLOCK_N = 64
+#: Elements of v one step of the forward's mean loads: 256 keys at d64, 128 at d128, 64 at d256. Each step waits on
+#: its load (nothing pipelines a plain sum), so fewer, wider steps: 4 at GPT-2's 1k keys instead of 16.
+MEAN_TILE = 16384
 
 
 @triton.jit
@@ -151,11 +154,14 @@ def finish_forward(out, stats, v, spec, launch):
         return out, stats
     b, hq, nq, dv = out.shape
     hkv, nk = v.shape[1], v.shape[2]
+    head_dv = _head_dim(dv)
+    # the interpreter's small blocks, so that short test sequences take several steps
+    block_n = configs.INTERPRETER["BLOCK_N"] if configs.INTERPRET else max(16, MEAN_TILE // head_dv)
     launch(_hidden_fwd_kernel, (configs.cdiv(nq, BLOCK_M), b * hq))(
         out, stats, v, out.stride(0), out.stride(1), out.stride(2), stats.stride(0), stats.stride(1),
         stats.stride(2), v.stride(0), v.stride(1), v.stride(2), hq, hq // hkv, nq, nk, fill_argument(spec),
-        FINITE_FILL=spec.mask_value != -math.inf, DV=dv, HEAD_DV=_head_dim(dv), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        num_warps=_warps(dv))
+        FINITE_FILL=spec.mask_value != -math.inf, DV=dv, HEAD_DV=head_dv, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+        num_warps=8)  # the (block_n, head_dv) fp32 sum: 64 registers a thread at 8 warps
     return out, stats
 
 
