@@ -63,7 +63,7 @@ def _out_error(actual, expected):
 
 def check(impl="triton", b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=torch.float32, causal=False,
           window=(-1, -1), bias=None, bias_dtype=None, mask=None, mask_value=NEG_INF, softcap=0.0, dropout_p=0.0,
-          layout="bhnd", scale=None, bias_grad=True, empty_rows="nan", fill_adds=False, seed=0):
+          layout="bhnd", scale=None, bias_grad=True, empty_rows="nan", fill_adds=False, bias_last=False, seed=0):
     """Run forward and backward of one implementation and compare out, lse and every gradient with the oracle.
 
     bias / mask: the shape to broadcast from, e.g. (b, 1, 1, nk); "expand" builds a stride-0 bias.
@@ -83,7 +83,8 @@ def check(impl="triton", b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=to
         bias_t = torch.randn(bias, generator=gen).to(bias_dtype or dtype)
     mask_t = mask if isinstance(mask, torch.Tensor) else None if mask is None else torch.rand(mask, generator=gen) > 0.3
     spec = AttentionSpec(scale=d ** -0.5 if scale is None else scale, softcap=softcap, mask_value=mask_value,
-                         causal=causal, window=window, dropout_p=dropout_p, empty_rows=empty_rows, fill_adds=fill_adds)
+                         causal=causal, window=window, dropout_p=dropout_p, empty_rows=empty_rows, fill_adds=fill_adds,
+                         bias_last=bias_last)
     seed_t = torch.tensor([1234 + seed], dtype=torch.int64) if dropout_p else None
     out, stats = run.forward(q, k, v, bias_t, mask_t, seed_t, spec)
     keep = _dropout_scale(impl, seed_t, (b, hq, nq, nk), spec) if dropout_p else None
@@ -205,6 +206,29 @@ def test_bias_without_grad(impl):
                                               ((2, 2, 40, 56), -3.4e38), ((1, 2, 40, 1), -10.0)])
 def test_mask(impl, shape, mask_value):
     check(impl, mask=shape, mask_value=mask_value, bias=(1, 2, 40, 56))
+
+
+@pytest.mark.parametrize("mask_value", [-5.0, 2.0])
+def test_bias_after_the_mask_fill(impl, mask_value):
+    """bias_last: where(mask, s, mask_value) + bias. A small fill lets the masked keys weigh, so the order shows
+    everywhere, and the bias takes its gradient at every key, masked ones too."""
+    check(impl, mask=(1, 2, 40, 56), mask_value=mask_value, bias=(2, 2, 40, 56), bias_last=True)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_bias_after_a_causal_buffer_fill_hides_whole_rows(impl, side):
+    """GPT-Neo's spelling: where(causal buffer, s, finfo.min) + a padding bias of 0 / finfo.min. A query whose
+    causal keys are all padded sees no key: its softmax is uniform over the keys exactly one of the two hid (a
+    key both hid gets fill + fill = -inf), forward and gradients as the oracle's."""
+    nq = nk = 40
+    fill = torch.finfo(torch.float32).min
+    causal = torch.ones(1, 1, nq, nk, dtype=torch.bool).tril()  # a tensor, as a buffer is
+    padding = torch.zeros(2, 1, 1, nk)
+    padding[0, ..., :15] = fill if side == "left" else 0.0
+    padding[1, ..., 30:] = fill
+    out, stats, _ = check(impl, nq=nq, nk=nk, mask=causal, mask_value=fill, bias=padding, bias_grad=False,
+                          bias_last=True)
+    assert torch.isfinite(out).all() and (stats[0, 0, :, :15] == fill).all() == (side == "left")
 
 
 def test_finite_mask_value_on_fully_masked_rows(impl):

@@ -181,14 +181,17 @@ def _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse
             dp = dp * keep
         else:
             dv[:, :, start:end] += torch.matmul(p.transpose(-1, -2), do)
-        ds = p * (dp - delta)  # gradient w.r.t. the post-bias scores
+        ds = p * (dp - delta)  # gradient w.r.t. the scores the softmax takes
+        ds_bias = ds  # a bias added after the fill (bias_last) gets every key's gradient
         if mask is not None and not spec.fill_adds:  # a filled score is a constant, unless the fill was added
             ds = ds.masked_fill(~(mask if mask.shape[-1] == 1 else mask[..., start:end]), 0.0)
+        if not spec.bias_last:
+            ds_bias = ds
         if bias_grad:
             if bias.shape[-1] == 1:
-                dbias += _sum_to(ds, bias.shape)
+                dbias += _sum_to(ds_bias, bias.shape)
             else:
-                dbias[..., start:end] += _sum_to(ds, bias.shape[:-1] + (end - start,))
+                dbias[..., start:end] += _sum_to(ds_bias, bias.shape[:-1] + (end - start,))
         if spec.softcap:
             raw = torch.matmul(qa, kx[:, :, start:end].transpose(-1, -2)) * spec.scale
             ds = ds * (1.0 - torch.tanh(raw / spec.softcap) ** 2)

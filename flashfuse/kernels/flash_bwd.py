@@ -76,22 +76,25 @@ def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Stats, n_stats, Delta, sqm, sdm,
             dv = _dot(pt.to(do.dtype), do, dv, PRECISION)
         # -- dS = P * (dP - delta): the gradient of the post-bias scores ----
         dst = pt * (dpt - delta[None, :])
+        dbt = dst  # the bias's gradient: every key's when it is added after the fill (HAS_BIAS 2)
         if HAS_MASK == 1 or HAS_MASK == 2:  # a filled score is a constant (3: the fill was added; see spec.py)
             dst = tl.where(keep, dst, 0.0)
+        if HAS_BIAS != 2:
+            dbt = dst
         if BIAS_GRAD:
             if DB_Q1 and DB_K1:
-                tl.atomic_add(DBias, tl.sum(tl.sum(dst, 1), 0))
+                tl.atomic_add(DBias, tl.sum(tl.sum(dbt, 1), 0))
             elif DB_Q1:
-                tl.atomic_add(DBias + j * sdbn, tl.sum(dst, 1), mask=j < n_keys)
+                tl.atomic_add(DBias + j * sdbn, tl.sum(dbt, 1), mask=j < n_keys)
             elif DB_K1:
-                tl.atomic_add(DBias + i * sdbm, tl.sum(dst, 0), mask=i < n_queries)
+                tl.atomic_add(DBias + i * sdbm, tl.sum(dbt, 0), mask=i < n_queries)
             else:
                 db_ptrs = DBias + i[None, :] * sdbm + j[:, None] * sdbn
                 db_valid = (i[None, :] < n_queries) & (j[:, None] < n_keys)
                 if DB_ATOMIC:
-                    tl.atomic_add(db_ptrs, dst, mask=db_valid)
+                    tl.atomic_add(db_ptrs, dbt, mask=db_valid)
                 else:
-                    tl.store(db_ptrs, dst.to(DBias.dtype.element_ty), mask=db_valid)
+                    tl.store(db_ptrs, dbt.to(DBias.dtype.element_ty), mask=db_valid)
         if SOFTCAP != 0.0:
             dst = dst * (1.0 - t * t)
         # -- dK += dS^T Q (scale applied once at the end) ----

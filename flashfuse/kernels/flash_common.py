@@ -6,7 +6,8 @@ or [1, BM] and [BN, 1] for k @ q^T. The forward, dQ, dK/dV and decode kernels al
 so bias, mask, softcap, causal/window and dropout follow one rule everywhere.
 
 The spec reaches the kernels as constexprs (`constexprs`): SCALE, SOFTCAP, LEFT, RIGHT (the key bounds of
-spec.key_bounds, -1 unbounded), DROPOUT_P, HAS_BIAS, HAS_MASK (0: none; 1: hidden scores take the runtime
+spec.key_bounds, -1 unbounded), DROPOUT_P, HAS_BIAS (0: none; 1: added before the mask; 2: after it,
+spec.bias_last), HAS_MASK (0: none; 1: hidden scores take the runtime
 `mask_value`; 2: they take -inf, a float that AOTInductor's generated code cannot spell: it prints `inf`; 3: they
 take `mask_value` and keep their gradient, spec.fill_adds), RAW
 (scores are just SCALE * q.k: no softcap, bias or mask, SCALE > 0, so the kernels keep raw q.k and fold
@@ -53,6 +54,13 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _bias_tile(bias_ptrs, j, n_keys, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(bias_ptrs, mask=j < n_keys, other=0.0).to(tl.float32)
+    return tl.load(bias_ptrs).to(tl.float32)
+
+
+@triton.jit
 def _score_tile(qk, i, j, n_keys, shift, bias_ptrs, mask_ptrs, mask_value, MASKED: tl.constexpr, RAW: tl.constexpr,
                 SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
@@ -73,11 +81,8 @@ def _score_tile(qk, i, j, n_keys, shift, bias_ptrs, mask_ptrs, mask_value, MASKE
         if SOFTCAP != 0.0:
             t = _tanh(s * (1.0 / SOFTCAP))
             s = SOFTCAP * t
-        if HAS_BIAS:
-            if MASKED:
-                s += tl.load(bias_ptrs, mask=j < n_keys, other=0.0).to(tl.float32)
-            else:
-                s += tl.load(bias_ptrs).to(tl.float32)
+        if HAS_BIAS == 1:
+            s += _bias_tile(bias_ptrs, j, n_keys, MASKED)
         if HAS_MASK:
             if MASKED:
                 keep = tl.load(mask_ptrs, mask=j < n_keys, other=1) != 0
@@ -87,6 +92,8 @@ def _score_tile(qk, i, j, n_keys, shift, bias_ptrs, mask_ptrs, mask_value, MASKE
                 s = tl.where(keep, s, float("-inf"))
             else:  # fp32 explicitly: inductor types a float argument fp64, which would promote the scores
                 s = tl.where(keep, s, tl.cast(mask_value, tl.float32))
+        if HAS_BIAS == 2:  # bias_last: after the fill (a key the bias and the fill both hide gets -inf)
+            s += _bias_tile(bias_ptrs, j, n_keys, MASKED)
     if MASKED:
         # bottom-right aligned: query i faces key i + shift (shift = Nk - Nq); hidden keys get -inf
         visible = j < n_keys
@@ -239,7 +246,8 @@ def constexprs(spec, bias, mask, dtype):
     raw = bias is None and mask is None and not spec.softcap and spec.scale > 0
     has_mask = 0 if mask is None else 2 if spec.mask_value == -math.inf else 3 if spec.fill_adds else 1
     return dict(SCALE=spec.scale, SOFTCAP=spec.softcap, LEFT=left, RIGHT=right, DROPOUT_P=spec.dropout_p,
-                HAS_BIAS=bias is not None, HAS_MASK=has_mask, RAW=raw, PRECISION=precision(dtype),
+                HAS_BIAS=0 if bias is None else 2 if spec.bias_last else 1, HAS_MASK=has_mask, RAW=raw,
+                PRECISION=precision(dtype),
                 MASK_KEYS=mask is not None and mask.shape[2] == 1, SKIP_PADDING=skips_padding(spec, bias, mask))
 
 

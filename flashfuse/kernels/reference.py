@@ -58,10 +58,12 @@ def scores(q: Tensor, k: Tensor, spec: AttentionSpec, bias: Optional[Tensor] = N
     s = torch.matmul(q.to(dtype), keys.to(dtype).transpose(-1, -2)) * spec.scale
     if spec.softcap:
         s = spec.softcap * torch.tanh(s / spec.softcap)
-    if bias is not None:
+    if bias is not None and not spec.bias_last:
         s = s + _keys(bias, start, end).to(dtype)
     if mask is not None:
         s = s.masked_fill(~_keys(mask, start, end), spec.mask_value)
+    if bias is not None and spec.bias_last:
+        s = s + _keys(bias, start, end).to(dtype)
     keep = visible(q.shape[2], k.shape[2], spec, q.device, start, end)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))

@@ -7,6 +7,7 @@ head h // (Hq / Hkv)), the op computes
     s = softcap * tanh(s / softcap)                (softcap > 0)
     s = s + bias                                   (a float tensor broadcast to (B, Hq, Nq, Nk))
     s = where(mask, s, mask_value)                 (a bool tensor broadcast likewise; True keeps the key)
+                                                   (bias_last: the mask first, then the bias)
     s = -inf where key j is not visible to query i (causal, window: `key_bounds`)
     p = softmax(s, -1); p = dropout(p, dropout_p)
     out = p @ v                                    (in q's dtype)
@@ -18,7 +19,10 @@ fill_adds (the fill was added to the scores, as `s + where(keep, 0, finfo.min)` 
 gradient on to q and k as eager's autograd gives it: through the score the fill swallowed. That matters only
 in a row every key of which is filled: its softmax is uniform, over all Nk keys with "average", over the keys
 the structure shows with "nan" (eager's answer when the structure's own fill meets the added one and the sum
-overflows to -inf: `where(causal, s, finfo.min) + where(causal & keep, 0, finfo.min)`).
+overflows to -inf: `where(causal, s, finfo.min) + where(causal & keep, 0, finfo.min)`). With bias_last the bias is
+added after the mask's fill, `where(mask, s, mask_value) + bias`, as GPT-Neo adds its attention_mask to scores
+its causal buffer filled: a key that both hide gets fill + fill (-inf), one that one of them hides the fill, so a
+query that sees no key weighs exactly the keys eager's softmax does.
 
 With fp8 ("plain" or "incoherent") q, k and v are quantized to float8_e4m3fn first and P to e4m3 for p @ v
 (fp8.py, flash_fp8.py): the same formula to FP8's precision, forward only (inference), no bias or dropout.
@@ -65,6 +69,7 @@ class AttentionSpec:
     empty_rows: str = "nan"  # a query that sees no key: "nan" (the formula), "zero" or "average" (mean of v)
     fill_adds: bool = False  # the mask's fill was added to the scores (s + fill), not put in their place
     fp8: str = ""  # "": q, k, v as given; "plain" or "incoherent": quantized to e4m3 first (fp8.py), forward only
+    bias_last: bool = False  # the bias is added after the mask's fill, not before
 
     def __post_init__(self):
         _check_real("scale", self.scale)
@@ -90,6 +95,8 @@ class AttentionSpec:
         if self.fill_adds and (self.empty_rows == "zero" or self.softcap or not math.isfinite(self.mask_value)):
             raise ValueError("fill_adds needs a finite mask_value, empty_rows 'average' or 'nan', and no softcap "
                              "(hidden_rows.py says why)")
+        if not isinstance(self.bias_last, bool):
+            raise ValueError(f"bias_last must be a bool, got {type(self.bias_last).__name__}")
         if self.fp8 not in FP8_MODES:
             raise ValueError(f"fp8 must be one of {FP8_MODES}, got {self.fp8!r}")
         if self.fp8 and self.dropout_p:
@@ -143,6 +150,8 @@ class AttentionSpec:
             shown.append(f"empty_rows={self.empty_rows}")
         if self.fill_adds:
             shown.append("fill_adds")
+        if self.bias_last:
+            shown.append("bias_last")
         if self.fp8:
             shown.append(f"fp8={self.fp8}")
         return " ".join(shown)
@@ -161,7 +170,7 @@ def _decode(text):
         if name == "window":
             left, right = raw.split(":")
             values[name] = (int(left), int(right))
-        elif name in ("causal", "fill_adds"):
+        elif name in ("causal", "fill_adds", "bias_last"):
             values[name] = raw == "True"
         elif name in ("empty_rows", "fp8"):
             values[name] = raw
