@@ -231,16 +231,18 @@ def test_structured_padding_bias_beside_another_bias_is_left_alone():
     assert not site.rewritten and "beside another bias" in site.reason, site.describe()
 
 
-def test_padding_bias_after_a_finite_fill_with_other_structure_is_left_alone():
+def test_padding_bias_after_a_window_fill_keeps_both_tensors():
     """A sliding-window fill, then a causal (not windowed) padding bias: keys the window hides but the causal bias
-    keeps stay at the fill, so a query that sees only padded keys would weigh them; left alone, with the reason."""
+    keeps stay at the fill, so a query that sees only padded keys weighs them. No structure holds that; the mask and
+    the bias stay tensors, the bias after the fill (bias_last), and outputs and gradients equal eager's."""
     def fn(q, k, v, pad):
         i, j = _positions()
         s = torch.where((j <= i) & (j > i - 3), q @ k.mT * D ** -0.5, torch.finfo(q.dtype).min)
         return torch.softmax(s + _additive((j <= i) & pad[:, None, None, :]), -1) @ v
 
-    site = assert_equivalent(fn, *_qkv(), _padding(), expected_sites=0, options=FAST)[0]
-    assert not site.rewritten and "is not the fill's" in site.reason, site.describe()
+    site = assert_equivalent(fn, *_qkv(), _padding(), expected_sites=1, options=FAST)[0]
+    assert site.spec.bias_last and not site.spec.causal, site.describe()
+    assert "not the fill's" in site.operands["mask_note"], site.operands["mask_note"]
 
 
 CLAMPS = {  # XGLM's torch.max(scores, finfo.min) and other spellings of a clamp from below
@@ -297,19 +299,34 @@ def test_clamps_that_change_the_scores_are_left_alone(clamp, fill, reason):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_bias_after_a_finite_causal_fill_is_left_alone(side):
+def test_padding_bias_after_a_finite_causal_fill(side):
     """transformers 4's GPT-2 (and torch's own pattern 19): where(causal, s, finfo.min) + (1 - pad) * finfo.min,
     a padding bias made by arithmetic on float data (no where(keep, 0, fill) proves its values): a key both hide
-    is -inf, one that only the padding hides is the fill, and no op formula gives a fully padded row's average
-    over those; the site stays as it is, with the reason, and equals eager."""
+    is -inf, one that only the padding hides is the fill. The op takes the mask and the bias as they are, the bias
+    after the fill (bias_last): eager's formula, so a fully padded row is eager's too; outputs and gradients."""
     def fn(q, k, v, pad):
         i, j = _positions()
         s = torch.where(j <= i, q @ k.mT * D ** -0.5, torch.finfo(q.dtype).min)
         s = s + (1.0 - pad[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
         return torch.softmax(s, -1) @ v
 
-    site = assert_equivalent(fn, *_qkv(), _padding(side), expected_sites=0, options=FAST)[0]
-    assert site.attention and not site.rewritten and "after a finite mask fill" in site.reason, site.describe()
+    site = assert_equivalent(fn, *_qkv(), _padding(side), expected_sites=1, options=FAST)[0]
+    assert site.spec.bias_last and "bias_last" in site.describe(), site.describe()
+
+
+def test_gpt_neo_causal_buffer_then_padding_mask():
+    """GPT-Neo as transformers writes it: where(self.bias[...], s, finfo.min) with the causal (or local band)
+    buffer, then the model's additive mask. A buffer's values are not in the graph, so no structure is proven; the
+    site keeps both tensors with bias_last, and equals eager with left padding, forward and gradients."""
+    buffer = torch.ones(N, N, dtype=torch.bool).tril()[None, None]
+
+    def fn(q, k, v, pad, buffer):
+        i, j = _positions()
+        s = torch.where(buffer, q @ k.mT * D ** -0.5, torch.finfo(q.dtype).min)
+        return torch.softmax(s + _additive((j <= i) & pad[:, None, None, :]), -1) @ v
+
+    site = assert_equivalent(fn, *_qkv(), _padding("left"), buffer, expected_sites=1, options=FAST)[0]
+    assert site.spec.bias_last and not site.spec.causal, site.describe()
 
 
 def test_sliding_window_generation_with_left_padding_matches_eager():

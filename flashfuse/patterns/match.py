@@ -125,35 +125,52 @@ def _as_structure(plan, parts, layout, fill, **changes):
 
 
 def _take_stacked(plan):
-    """where(structure, s, fill) + where(structure & keys, 0, fill2), as GPT-Neo writes it: a key the structure
-    hides gets fill + fill2 (-inf, or far enough below fill2 to weigh 0), so the structure is the op's, and the
-    keys term is key padding whose fill was added (fill_adds), with a query that sees only padded keys the
-    formula's uniform softmax over them (empty_rows "nan"). Anything else is refused: the op, which adds bias
-    before it masks, would give such a query another answer."""
+    """where(mask, s, fill) + T: a bias term T added after a finite mask fill. The op adds bias before it masks
+    unless spec.bias_last, so the site takes one of two forms, or is refused.
+
+    Structure, when the fill's mask and T are the same causal / window structure and T's keys term is
+    where(keep, 0, fill2) with a fill that swallows the scores (GPT-Neo's spelling, written inline): a key the
+    structure hides gets fill + fill2 (-inf, or far enough below fill2 to weigh 0), so the structure is the op's,
+    and the keys term is key padding whose fill was added (fill_adds), a query that sees only padded keys taking
+    the formula's uniform softmax over them (empty_rows "nan").
+
+    Tensors otherwise (a causal buffer, as GPT-Neo's module holds it; transformers 4's `(1 - pad) * finfo.min`;
+    a padding bias after a window fill): the mask and T as they are, with spec.bias_last, which is eager's formula
+    itself, fully hidden rows included."""
     term = plan.stacked
-    nq, nk = plan.scores_shape[-2:]
-    found = additive_mask(term[0], term[1])
-    if found is None or found[2] > HUGE_FILL:
-        raise Refuse(f"{STACKED} that is not where(keep, 0, fill) with a fill that swallows the scores")
-    if len(plan.masks) != 1 or plan.sink is not None or plan.spec.empty_rows != "nan" or plan.spec.softcap:
-        raise Refuse(f"{STACKED}, with a second mask, a sink, a softcap or a safe softmax")
+    if len(plan.masks) != 1 or plan.sink is not None or plan.spec.empty_rows != "nan":
+        raise Refuse(f"{STACKED}, with a second mask, a sink or a safe softmax")
     if _needs_grad(term[0]):
         raise Refuse(f"{STACKED}: a fully hidden row's gradient would reach a learned bias")
     if any(t is not term for t in plan.bias):  # a -inf in it would drop a padded key that eager's row still weighs
         raise Refuse(f"{STACKED} beside another bias: where it is -inf on a padded key, a query that sees only "
                      "padded keys weighs the others in eager, and all of them in the op")
+    why = _stacked_structure(plan, term)
+    if why is not None:
+        plan.update(bias_last=True)
+        plan.mask_note = f"tensor: the bias after the fill (bias_last), {why}"
+
+
+def _stacked_structure(plan, term):
+    """Hand the op the structure form of `_take_stacked`, or say why it does not hold (None: it does)."""
+    found = additive_mask(term[0], term[1])
+    if found is None or found[2] > HUGE_FILL:
+        return "not where(keep, 0, fill) with a fill that swallows the scores"
+    if plan.spec.softcap:
+        return "after a softcap"  # fill_adds takes none
     node, keeps, _ = plan.masks[0]
+    nq, nk = plan.scores_shape[-2:]
     structure, padded = decompose(node, keeps, nq, nk), decompose(found[0], found[1], nq, nk)
     for parts in (structure, padded):
         if isinstance(parts, str):
-            raise Refuse(f"{STACKED}: {parts}")
+            return parts
     if structure.keys or structure.window != padded.window:
-        raise Refuse(f"{STACKED} whose own structure {padded.window} is not the fill's {structure.window}, or a "
-                     "fill with key terms: a query that sees only padded keys would weigh keys the op hides")
+        return f"its structure {padded.window} not the fill's {structure.window}, or a fill with key terms"
     plan.bias.remove(term)
     _as_structure(plan, padded, term[2], found[2], fill_adds=True)
     if not padded.keys:
         plan.update(mask_value=float("-inf"))  # no mask left: the structure fill is the op's -inf
+    return None
 
 
 def _needs_grad(node):

@@ -62,6 +62,11 @@ _HF = {
     # a global layer, then a local one: a bidirectional sliding window spelled abs(q - kv) <= 2
     "modernbert_local": ("ModernBert", dict(num_hidden_layers=2, local_attention=4, global_attn_every_n_layers=2,
                                             pad_token_id=0, **_SMALL), "padded"),
+    # causal and local-band masks read from module buffers (their values are not in the graph), then the
+    # additive attention_mask after the fill: the op's bias_last
+    "gpt_neo_buffers": ("GPTNeo", dict(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=4,
+                                       num_heads=4, hidden_size=64, intermediate_size=64, vocab_size=VOCAB,
+                                       max_position_embeddings=64), "padded"),
     "siglip_vision": ("SiglipVision", dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
                                            intermediate_size=64, image_size=32, patch_size=8), "pixels"),
 }
