@@ -52,7 +52,7 @@ def _err(a, b):
 
 def check(name, b, hq, hkv, nq, nk, d, dv=None, dtype=torch.bfloat16, causal=False, window=(-1, -1), bias=None,
           mask=None, mask_value=float("-inf"), softcap=0.0, dropout_p=0.0, layout="bhnd", tf32=False, left_pad=0,
-          right_pad=0, empty_rows="nan", fill_adds=False, dlse=False):
+          right_pad=0, empty_rows="nan", fill_adds=False, bias_last=False, dlse=False):
     dv = d if dv is None else dv
     torch.backends.cuda.matmul.allow_tf32 = tf32
     mk = (lambda s: torch.randn(s[0], s[2], s[1], s[3], device=DEV, dtype=dtype).transpose(1, 2)) \
@@ -66,7 +66,7 @@ def check(name, b, hq, hkv, nq, nk, d, dv=None, dtype=torch.bfloat16, causal=Fal
         mask_t[-1, ..., nk - right_pad:] = False
     seed = torch.tensor([42], dtype=torch.int64, device=DEV) if dropout_p else None
     spec = AttentionSpec(scale=d ** -0.5, softcap=softcap, mask_value=mask_value, causal=causal, window=window,
-                         dropout_p=dropout_p, empty_rows=empty_rows, fill_adds=fill_adds)
+                         dropout_p=dropout_p, empty_rows=empty_rows, fill_adds=fill_adds, bias_last=bias_last)
     out, stats = flash.forward(q, k, v, bias_t, mask_t, seed, spec)
     dout = torch.randn_like(out)
     dlse_t = torch.randn(stats.shape[1:], device=DEV) if dlse else None  # a sink's gradient of the logsumexp
@@ -106,6 +106,9 @@ CASES = [
     ("ragged 2x3x1000x1531 d96 fp16", dict(b=2, hq=3, hkv=3, nq=1000, nk=1531, d=96, dtype=torch.float16,
                                            mask=(2, 3, 1000, 1531), softcap=30.0, layout="bnhd")),
     ("d80/dv160 causal 1x2x777x1200", dict(b=1, hq=2, hkv=1, nq=777, nk=1200, d=80, dv=160, causal=True)),
+    # GPT-Neo's order, where(mask, s, fill) + bias; a small fill lets masked keys weigh, and dbias covers every key
+    ("bias_last fill -5 2x4x1024 d64", dict(b=2, hq=4, hkv=4, nq=1024, nk=1024, d=64, mask=(1, 4, 1024, 1024),
+                                            mask_value=-5.0, bias=(2, 1, 1024, 1024), bias_last=True)),
     ("finfo.min mask 1x2x512 d64", dict(b=1, hq=2, hkv=2, nq=512, nk=512, d=64, mask=(1, 1, 512, 1),
                                         mask_value=-3.4e38)),
     ("keypad causal avg 2x8/2x2048 d128", dict(b=2, hq=8, hkv=2, nq=2048, nk=2048, d=128, causal=True,

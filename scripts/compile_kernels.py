@@ -40,6 +40,8 @@ CASES = {
     "bias grad d64": (2, 4, 4, 300, 300, 64, torch.bfloat16, {}, (2, 1, 300, 300), None),
     "bias bcast mask softcap d64": (2, 4, 4, 300, 300, 64, torch.bfloat16, dict(softcap=30.0, mask_value=-1e9),
                                     (1, 4, 1, 300), (2, 1, 1, 300)),
+    "bias last grad d64": (2, 4, 4, 300, 300, 64, torch.bfloat16, dict(mask_value=-5.0, bias_last=True),
+                           (2, 1, 300, 300), (1, 4, 300, 300)),
     "dropout causal d64": (2, 4, 4, 300, 300, 64, torch.bfloat16, dict(causal=True, dropout_p=0.1), None, None),
     "d256 causal": (1, 2, 2, 300, 300, 256, torch.bfloat16, dict(causal=True), None, None),
     "d80/dv160 fp16": (1, 2, 1, 300, 300, 80, torch.float16, dict(causal=True), None, None),
