@@ -236,7 +236,11 @@ def draw_choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_di
             fill = c.pick("fill", FILLS)
             if fill == "-inf":
                 c.pick("inf_spelling", ("float", "math"))
-            if bias != "none" and not in_baddbmm and fill == "-inf" and scale != "after_bias":
+            # a bias after a finite fill: the op's bias_last, for a bias that takes no gradient, after one mask,
+            # with nothing between it and the softmax (match._take_stacked)
+            stacked_ok = (kind == "attention" and applications == 1 and scale != "after_mask"
+                          and bias in ("padding_min", "padding_inf", "hf_long"))
+            if bias != "none" and not in_baddbmm and (fill == "-inf" or stacked_ok) and scale != "after_bias":
                 c.pick("order", ("bias_first", "mask_first"))
     if scale == "after_bias" and (bias == "none" or in_baddbmm):
         c.set("scale", "after")
