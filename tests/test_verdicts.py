@@ -78,3 +78,32 @@ def test_a_wrong_answer_fails_against_eager_and_float64(monkeypatch):
     fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.25, -1) @ v  # noqa: E731
     verdict = check_equivalence(fn, *_inputs(), expected_sites=1, grad=False, options={"compiler": "eager"})
     assert verdict.outcome == "failed" and "from float64" in verdict.evidence[0], str(verdict)
+
+
+class _SoftmaxInFloat32(torch.nn.Module):
+    """Finding #17 (docs/fuzzing.md): bf16, a learned scalar bias, a band mask filled with finfo.min that hides
+    rows 7 and up whole, and a softmax in float32. In float64 the cast turns finfo.min into -inf: NaN rows."""
+    def __init__(self):
+        super().__init__()
+        self.rel_bias = torch.nn.Parameter(torch.randn(1) * 0.5)
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(2, 3) * 0.25
+        near = (torch.arange(8)[:, None] - torch.arange(5)[None, :]).abs() <= 2
+        scores = scores + self.rel_bias
+        scores = torch.where(near, scores, torch.tensor(torch.finfo(scores.dtype).min, dtype=scores.dtype))
+        return torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def test_a_program_whose_float64_run_breaks_is_judged_against_float32():
+    from flashfuse.testing.equivalence import _leaves, _oracle, _run
+    torch.manual_seed(0)
+    fn = _SoftmaxInFloat32().to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(s, generator=gen).to(torch.bfloat16).requires_grad_() for s in ((1, 3, 8, 16),
+                                                                                     (1, 3, 5, 16), (1, 3, 5, 16))]
+    eager = _run(fn, inputs, _leaves(fn, inputs), 0, True)
+    run, name, why = _oracle(fn, inputs, 0, True, torch.bfloat16, eager)
+    assert name == "float32" and why == ["the float64 run has NaN where eager has none"], why
+    verdict = check_equivalence(fn, *inputs, expected_sites=1, options={"compiler": "eager"})
+    assert verdict.outcome in ("equal", "float64"), str(verdict)

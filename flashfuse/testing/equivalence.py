@@ -4,7 +4,8 @@ When the compiled program misses eager by more than the dtype's tolerance, two m
 difference it is:
 - stock torch.compile (the same backend options without flashfuse's rewrite): when it shows the same
   difference from eager (NaN where eager is finite, or the same wrong values), the outcome is "upstream";
-- a float64 run of the same program (the oracle): when the compiled program is not meaningfully further
+- a float64 run of the same program (the oracle; float32 for a half-precision program whose float64 run fails
+  or has NaN where eager has none): when the compiled program is not meaningfully further
   from it than eager is (tolerances.FLOAT64_RULE), the outcome is "float64", a pass with the evidence.
 Otherwise the outcome is "failed". A wrong count of rewritten sites, a site refused by an internal error,
 or differing non-float outputs always fail.
@@ -134,15 +135,31 @@ def _same_difference(compiled, stock, dtype):
     return True
 
 
-def _float64_run(fn, inputs, seed, grad):
-    """The program in float64: a deep copy of a module in double, float inputs upcast; None if it cannot run."""
-    fn64 = copy.deepcopy(fn).double() if isinstance(fn, torch.nn.Module) else fn
-    inputs64 = tuple(x.detach().double().requires_grad_(x.requires_grad)
+def _precise_run(fn, inputs, seed, grad, dtype=torch.float64):
+    """The program in `dtype`: a deep copy of a module converted, float inputs cast; None if it cannot run."""
+    fn_p = copy.deepcopy(fn).to(dtype) if isinstance(fn, torch.nn.Module) else fn
+    inputs_p = tuple(x.detach().to(dtype).requires_grad_(x.requires_grad)
                      if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
     try:
-        return _run(fn64, inputs64, _leaves(fn64, inputs64), seed, grad)
+        return _run(fn_p, inputs_p, _leaves(fn_p, inputs_p), seed, grad)
     except Exception:  # a program with dtype-specific constants may not run in double
         return None
+
+
+def _oracle(fn, inputs, seed, grad, dtype, eager):
+    """(run, its dtype's name, why the ones before it failed): float64, or for a half-precision program float32
+    when float64 fails (a program's own cast to float32 turns float64's finfo.min fill into -inf, say)."""
+    why = []
+    for precise in (torch.float64, torch.float32) if dtype in (torch.bfloat16, torch.float16) else (torch.float64,):
+        name = str(precise).replace("torch.", "")
+        run = _precise_run(fn, inputs, seed, grad, precise)
+        if run is None:
+            why.append(f"the program does not run in {name}")
+        elif any(_distance(e, o) == float("inf") for e, o in zip(eager[0] + eager[1], run[0] + run[1])):
+            why.append(f"the {name} run has NaN where eager has none")
+        else:
+            return run, name, why
+    return None, None, why
 
 
 def _norm(t):
@@ -226,18 +243,17 @@ def _second_opinion(verdict, fn, inputs, leaves, seed, grad, options, dtype, com
         verdict.evidence.append("stock torch.compile (no flashfuse rewrite) differs from eager the same way: "
                                 + "; ".join(stock_problems))
         return "upstream"
-    oracle = _float64_run(fn, inputs, seed, grad)
+    oracle, name, why = _oracle(fn, inputs, seed, grad, dtype, eager)
     if oracle is None:
-        verdict.evidence.append("the program does not run in float64: no judgement against it")
+        verdict.evidence.append("; ".join(why) + ": no judgement against it")
         return "failed"
-    if any(_distance(e, o) == float("inf") for e, o in zip(eager[0] + eager[1], oracle[0] + oracle[1])):
-        verdict.evidence.append("the float64 run has NaN where eager has none: no judgement against it")
-        return "failed"
+    if why:
+        verdict.evidence.append("; ".join(why) + f": judged against the {name} run")
     problems = judge_float64(compiled, eager, oracle, dtype)
     if problems:
         verdict.evidence += problems
         return "failed"
-    verdict.evidence.append("as close to a float64 run of the program as eager is (tolerances.FLOAT64_SLACK)")
+    verdict.evidence.append(f"as close to a {name} run of the program as eager is (tolerances.FLOAT64_SLACK)")
     return "float64"
 
 
