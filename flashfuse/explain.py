@@ -1,16 +1,21 @@
 """`flashfuse.explain`: which attention sites a model has, which were rewritten, and why not."""
+import collections
 import functools
 from dataclasses import dataclass, field
 
 import torch
+from torch._dynamo.utils import counters
 
 from flashfuse import backend
 
 
 @dataclass
 class Report:
-    """The sites found while compiling a model: `sites`, one per softmax (and SDPA call)."""
+    """The sites found while compiling a model: `sites`, one per softmax (and SDPA call); `graph_breaks`, Dynamo's
+    reasons for breaking the graph in that run, with counts. Code that Dynamo leaves to eager (a checkpointed block
+    whose body broke, a frame it skipped) reaches no backend, so its attention is in no site."""
     sites: list = field(default_factory=list)
+    graph_breaks: collections.Counter = field(default_factory=collections.Counter)
 
     @property
     def rewritten(self):
@@ -37,7 +42,18 @@ class Report:
                 paths.setdefault(s.path, []).append(s.node)
         for (name, why), nodes in paths.items():
             lines.append(f"{len(nodes)} of them run the {name} path, not the Triton kernels: {why}")
+        if self.graph_breaks:
+            lines.append(f"graph breaks in this run: {sum(self.graph_breaks.values())} (what Dynamo leaves to "
+                         "eager reaches no backend, so attention there is not rewritten):")
+            lines += [f"  {n} x {_summary(reason)}" for reason, n in self.graph_breaks.items()]
         return "\n".join(lines)
+
+
+def _summary(reason):
+    """Dynamo's reason, first line, and the hint that names a torch._dynamo.config setting if there is one."""
+    first, *rest = [line.strip() for line in reason.splitlines() if line.strip()]
+    hint = next((line for line in rest if "torch._dynamo.config." in line), None)
+    return first if hint is None else f"{first} ({hint})"
 
 
 def explain(model, *args, options=None, **kwargs) -> Report:
@@ -60,8 +76,10 @@ def explain(model, *args, options=None, **kwargs) -> Report:
     backend._LISTENERS.append(listener)
     try:
         torch._dynamo.reset()  # graphs cached for an earlier model of the same code would be reused, unreported
+        before = collections.Counter(counters["graph_break"])
         compiled = torch.compile(model, backend=functools.partial(_explain_backend, options=options))
         compiled(*args, **kwargs)
+        report.graph_breaks = collections.Counter(counters["graph_break"]) - before
     finally:
         backend._LISTENERS.remove(listener)
     return report

@@ -133,6 +133,16 @@ def test_explain_names_a_path_that_is_not_the_kernels():
     assert "head dim 512" in str(report)
 
 
+def test_explain_lists_the_graph_breaks_of_its_run():
+    def broken(q, k, v):
+        s = q @ k.mT * 0.25
+        torch._dynamo.graph_break()
+        return torch.softmax(s, -1) @ v
+    report = flashfuse.explain(broken, *qkv())
+    assert sum(report.graph_breaks.values()) == 1 and "graph breaks in this run: 1" in str(report)
+    assert not flashfuse.explain(lambda q, k, v: torch.softmax(q @ k.mT, -1) @ v, *qkv()).graph_breaks
+
+
 def test_backend_is_registered_by_name():
     from torch._dynamo import list_backends
     assert "flashfuse" in list_backends(exclude_tags=())
