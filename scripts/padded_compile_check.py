@@ -52,7 +52,8 @@ def profile(name, rows=14, host=False, inference=False):
                 start = time.perf_counter()
                 step()
                 seconds.append(time.perf_counter() - start)
-            print(f"== {name} {what}, {attn} + {backend}: host ms per step", " ".join(f"{1e3 * t:.1f}" for t in seconds))
+            times = " ".join(f"{1e3 * t:.1f}" for t in seconds)
+            print(f"== {name} {what}, {attn} + {backend}: host ms per step", times)
         activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if host else [])
         with torch.profiler.profile(activities=activities) as prof:
             step()

@@ -74,8 +74,9 @@ def test_explain_names_the_graph_break_that_hides_checkpointed_attention():
     assert "skip_fwd_side_effects_in_bwd_under_checkpoint" in str(report)
 
 
-@pytest.mark.xfail(strict=True, reason="upstream entry U1: Dynamo runs a checkpointed block eagerly when its "
-                                       "forward sets a global (transformers 5.25's hub-kernel wrapper)")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="upstream entry U1: Dynamo runs a checkpointed block eagerly when its "
+                          "forward sets a global (transformers 5.25's hub-kernel wrapper)")
 def test_stock_dynamo_traces_checkpointed_blocks_of_a_wrapped_model():
     model, inputs = models.build("llama", seq=16)
     model = _checkpoint(model)
