@@ -176,13 +176,13 @@ def _distance(a, b):
     return (a[keep] - b[keep]).norm().item()
 
 
-def judge_float64(compiled, eager, oracle, dtype):
+def judge_float64(compiled, eager, oracle, dtype, oracle_name="float64"):
     """The float64 rule (tolerances.FLOAT64_SLACK, ROUNDING_FLOOR): [] when every output and gradient c of the
     compiled run satisfies ||c - o|| <= FLOAT64_SLACK * max(tol * ||o||, ||e - o||, eps * total), with o the
     float64 run, e eager, tol the dtype's tolerance (gradients: ||o|| floored at 1e-2 x total, as
     tolerances.gradients_error does), total the norm of all gradients (for outputs: ||o||) and eps
     ROUNDING_FLOOR[dtype] (the most a quantity that is zero in exact arithmetic can be trusted to);
-    else what breaks it."""
+    else what breaks it, naming the precise run `oracle_name` (float32 when _oracle fell back to it)."""
     (c_out, c_grad), (e_out, e_grad), (o_out, o_grad) = compiled, eager, oracle
     eps = ROUNDING_FLOOR.get(dtype, torch.finfo(dtype).eps)
     problems = []
@@ -191,14 +191,14 @@ def judge_float64(compiled, eager, oracle, dtype):
             continue
         allowed = FLOAT64_SLACK * max(FORWARD[dtype] * _norm(o), _distance(e, o), eps * _norm(o))
         if not _distance(c, o) <= allowed:
-            problems.append(f"output {i}: {_distance(c, o):.3g} from float64 > {allowed:.3g} allowed "
+            problems.append(f"output {i}: {_distance(c, o):.3g} from {oracle_name} > {allowed:.3g} allowed "
                             f"(eager's {_distance(e, o):.3g}, norm {_norm(o):.3g})")
     total = sum(_norm(o) ** 2 for o in o_grad) ** 0.5
     for i, (c, e, o) in enumerate(zip(c_grad, e_grad, o_grad)):
         scale = max(_norm(o), 1e-2 * total)
         allowed = FLOAT64_SLACK * max(GRADIENT[dtype] * scale, _distance(e, o), eps * total)
         if not _distance(c, o) <= allowed:
-            problems.append(f"gradient {i}: {_distance(c, o):.3g} from float64 > {allowed:.3g} allowed "
+            problems.append(f"gradient {i}: {_distance(c, o):.3g} from {oracle_name} > {allowed:.3g} allowed "
                             f"(eager's {_distance(e, o):.3g}, norm {_norm(o):.3g}, all gradients {total:.3g})")
     return problems
 
@@ -249,7 +249,7 @@ def _second_opinion(verdict, fn, inputs, leaves, seed, grad, options, dtype, com
         return "failed"
     if why:
         verdict.evidence.append("; ".join(why) + f": judged against the {name} run")
-    problems = judge_float64(compiled, eager, oracle, dtype)
+    problems = judge_float64(compiled, eager, oracle, dtype, name)
     if problems:
         verdict.evidence += problems
         return "failed"
