@@ -162,6 +162,14 @@ def _fp8(plan, fp8):
     return ""
 
 
+def _training(plan):
+    """A site whose output needs a gradient, in half precision, keeps out's rounding residual for the backward
+    (spec.fp32_delta). Dynamo's example values carry requires_grad as the traced grad mode left it."""
+    out = meta(plan.output)
+    if isinstance(out, torch.Tensor):
+        plan.spec = flash_op.training_spec(plan.spec, out.dtype, out.requires_grad)
+
+
 def _rewrite(gm, sdpa, fp8=False, prefix="", call=None, depth=0):
     functionalize_inplace(gm.graph)
     sites = []
@@ -174,6 +182,7 @@ def _rewrite(gm, sdpa, fp8=False, prefix="", call=None, depth=0):
             plan = match_softmax(node) if op.kind == "softmax" else sdpa_plan(node)
             _import_operands(gm.graph, plan, call)
             site.note = _fp8(plan, fp8)
+            _training(plan)
             site.spec, site.operands = plan.spec, plan.operands()
             site.path = _path(plan)
             args = call.args if call is not None else None

@@ -133,6 +133,25 @@ def test_explain_names_a_path_that_is_not_the_kernels():
     assert "head dim 512" in str(report)
 
 
+def test_half_precision_training_keeps_the_rounding_residual(monkeypatch):
+    """spec.fp32_delta is on exactly where a backward will read it: a bf16 site whose output needs a gradient, in a
+    compiled graph and through `flashfuse.attention`; not under no_grad, not in fp32."""
+    fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.25, -1) @ v  # noqa: E731
+    q, k, v = qkv()
+    bf16 = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    assert flashfuse.explain(fn, *bf16).sites[0].spec.fp32_delta
+    with torch.no_grad():
+        assert not flashfuse.explain(fn, *bf16).sites[0].spec.fp32_delta
+    assert not flashfuse.explain(fn, *(t.requires_grad_() for t in (q, k, v))).sites[0].spec.fp32_delta
+    from flashfuse.kernels import op
+    seen, original = [], op.run_forward
+    monkeypatch.setattr(op, "run_forward", lambda *args: seen.append(args[-1].fp32_delta) or original(*args))
+    flashfuse.attention(*bf16).float().sum().backward()
+    with torch.no_grad():
+        flashfuse.attention(*bf16)
+    assert seen == [True, False] and all(t.grad is not None for t in bf16)
+
+
 def test_explain_lists_the_graph_breaks_of_its_run():
     def broken(q, k, v):
         s = q @ k.mT * 0.25

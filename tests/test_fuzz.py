@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
+import flashfuse
 from flashfuse.kernels.reference import repeat_kv
 from flashfuse.kernels.spec import AttentionSpec
 from flashfuse.testing.equivalence import assert_equivalent
@@ -277,9 +278,8 @@ def test_bf16_scores_filled_with_minus_1e4_are_masked():
     keep = torch.ones(1, 1, 1, 4, dtype=torch.bool)
     keep[..., 0] = False
     fn = lambda q, k, v, keep: torch.softmax((q @ k.mT).masked_fill(~keep, -10000.0), -1) @ v  # noqa: E731
-    # forward only: bf16 at scale 1 is peaked enough for open bug bf16_peaked_gradients (5 of 12 seeds miss the
-    # gradient tolerance against eager), which its own tests cover
-    assert_equivalent(fn, q, k, v, keep, expected_sites=1, grad=False, options=FAST)
+    # with gradients since bf16_peaked_gradients was fixed (at scale 1, 5 of 12 seeds missed before; 0 of 12 after)
+    assert_equivalent(fn, q, k, v, keep, expected_sites=1, options=FAST)
 
 
 @pytest.mark.parametrize("equation, shape", [("bqd,bdk->bqk", (2, 5, 8)), ("bhqd,bhdk->bhqk", (1, 2, 5, 8))])
@@ -291,17 +291,12 @@ def test_einsum_with_scaled_k_transposed_for_the_product(equation, shape):
     assert_equivalent(fn, q, _r(*shape), _r(*shape), expected_sites=1, options=FAST)
 
 
-# The Triton kernels' accuracy: the CPU reference (TRITON_INTERPRET=0) computes delta in float32 and passes these.
-triton_kernels_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                         reason="checks the Triton kernels, which run on a CPU only in the interpreter")
+# Bug bf16_peaked_gradients (fixed by spec.fp32_delta): the backward's delta = rowsum(dO * O) came from the bf16
+# output, so each row's dS = P * (dP - delta) no longer summed to zero, and on a peaked softmax dq and dk were
+# 0.048 and 0.098 from float64 where eager bf16 is 0.008 and 0.006. These run on the Triton kernels in the CI
+# (the interpreter) and on the CPU path with TRITON_INTERPRET=0.
 
 
-@triton_kernels_only
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="open bug bf16_peaked_gradients: delta = rowsum(dO * O) is computed from "
-                          "the bf16-rounded O, so dS = P * (dP - delta) loses the cancellation that eager "
-                          "keeps: dq and dk are 0.048 and 0.098 from float64 where eager bf16 is 0.008 "
-                          "and 0.006")
 def test_bf16_backward_of_a_peaked_softmax_is_as_accurate_as_eager():
     from flashfuse.tolerances import GRADIENT, relative_error
     torch.manual_seed(4)
@@ -311,7 +306,7 @@ def test_bf16_backward_of_a_peaked_softmax_is_as_accurate_as_eager():
     def grads(dtype, fused):
         leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
         if fused:
-            out = torch.ops.flashfuse.fwd(*leaves, None, None, None, AttentionSpec(scale=3.33).encode())[0]
+            out = flashfuse.attention(*leaves, scale=3.33)
         else:
             out = torch.softmax(leaves[0] @ leaves[1].mT * 3.33, -1) @ leaves[2]
         return torch.autograd.grad(out, leaves, dout.to(dtype))
@@ -322,11 +317,9 @@ def test_bf16_backward_of_a_peaked_softmax_is_as_accurate_as_eager():
         assert relative_error(f, o) <= allowed, f"d{name}: {relative_error(f, o):.3g} > {allowed:.3g}"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="open bug bf16_peaked_gradients: a runtime temperature's gradient flows through "
-                          "q / t in bf16 (the rewrite scales q by it); on a peaked softmax it is 4-6x off "
-                          "where eager bf16 is 1% off")
 def test_bf16_runtime_temperature_gradient_on_a_peaked_softmax():
+    """A runtime temperature's gradient flows through q / t (the rewrite scales q by it); on this peaked softmax
+    it was 4-6x off through the bf16 delta, where eager bf16 is 1% off."""
     check_program(build_program({
         "kind": "attention", "dtype": "bfloat16", "layout": "inputs", "B": 1, "H": 1, "HKV": 1, "D": 8, "DV": 8,
         "NQ": 8, "NK": 3, "gqa": "none", "product": "at", "kT": "transpose_m1m2", "scale": "tensor",
@@ -335,13 +328,10 @@ def test_bf16_runtime_temperature_gradient_on_a_peaked_softmax():
         "seed": 0}))
 
 
-@triton_kernels_only
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="open bug bf16_peaked_gradients, found by the long interpreter run: a learned "
-                          "temperature at an ordinary scale (0.125, D 16) with random and causal masks "
-                          "over 4 keys; through the Triton backward its bf16 gradient is 0.39 from "
-                          "float64 (0.28 allowed), eager bf16's 0.019")
 def test_bf16_learned_temperature_gradient_through_the_triton_backward():
+    """Found by the long interpreter run: a learned temperature at an ordinary scale (0.125, D 16) with random
+    and causal masks over 4 keys; through the bf16 delta its gradient was 0.39 from float64 (0.28 allowed),
+    eager bf16's 0.019."""
     check_program(build_program({
         "kind": "attention", "dtype": "bfloat16", "layout": "inputs_bnhd", "B": 2, "H": 2, "HKV": 2, "D": 16,
         "DV": 16, "NQ": 8, "NK": 4, "heads_split": "permute", "gqa": "none", "product": "matmul",

@@ -63,10 +63,12 @@ def _out_error(actual, expected):
 
 def check(impl="triton", b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=torch.float32, causal=False,
           window=(-1, -1), bias=None, bias_dtype=None, mask=None, mask_value=NEG_INF, softcap=0.0, dropout_p=0.0,
-          layout="bhnd", scale=None, bias_grad=True, empty_rows="nan", fill_adds=False, bias_last=False, seed=0):
+          layout="bhnd", scale=None, bias_grad=True, empty_rows="nan", fill_adds=False, bias_last=False, seed=0,
+          fp32_delta=False):
     """Run forward and backward of one implementation and compare out, lse and every gradient with the oracle.
 
-    bias / mask: the shape to broadcast from, e.g. (b, 1, 1, nk); "expand" builds a stride-0 bias.
+    bias / mask: the shape to broadcast from, e.g. (b, 1, 1, nk); "expand" builds a stride-0 bias. fp32_delta: the
+    forward writes out's rounding residual, checked to be what rounding lost, and the backward reads it.
     """
     run = IMPLEMENTATIONS[impl]
     gen = torch.Generator().manual_seed(seed)
@@ -84,9 +86,12 @@ def check(impl="triton", b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=to
     mask_t = mask if isinstance(mask, torch.Tensor) else None if mask is None else torch.rand(mask, generator=gen) > 0.3
     spec = AttentionSpec(scale=d ** -0.5 if scale is None else scale, softcap=softcap, mask_value=mask_value,
                          causal=causal, window=window, dropout_p=dropout_p, empty_rows=empty_rows, fill_adds=fill_adds,
-                         bias_last=bias_last)
+                         bias_last=bias_last, fp32_delta=fp32_delta)
     seed_t = torch.tensor([1234 + seed], dtype=torch.int64) if dropout_p else None
-    out, stats = run.forward(q, k, v, bias_t, mask_t, seed_t, spec)
+    residual = torch.full((b, hq, nq, dv), float("nan"), dtype=dtype) if fp32_delta else None
+    out, stats = run.forward(q, k, v, bias_t, mask_t, seed_t, spec, residual=residual)
+    if fp32_delta:
+        _assert_rounding_residual(out, residual, stats)
     keep = _dropout_scale(impl, seed_t, (b, hq, nq, nk), spec) if dropout_p else None
     assert out.shape == (b, hq, nq, dv) and out.dtype == dtype
     assert stats.shape == (2, b, hq, nq) and stats.dtype == cpu.stats_dtype(dtype)
@@ -97,7 +102,7 @@ def check(impl="triton", b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=to
     assert _lse_error(stats[0].double() + stats[1].double(), ref_lse) < FORWARD[torch.float32]
     # backward
     want_bias_grad = bias_grad and bias_t is not None
-    grads = run.backward(dout, q, k, v, bias_t, mask_t, seed_t, out, stats, spec, want_bias_grad)
+    grads = run.backward(dout, q, k, v, bias_t, mask_t, seed_t, out, stats, spec, want_bias_grad, residual=residual)
     for name, got, want, like in zip("q k v bias".split(), grads, ref_grads, (q, k, v, bias_t)):
         if name == "bias" and not want_bias_grad:
             assert got is None
@@ -111,6 +116,17 @@ def check(impl="triton", b=2, hq=2, hkv=2, nq=40, nk=56, d=32, dv=None, dtype=to
         assert_close(got, want, max(dtype, bias_t.dtype, key=_rank) if name == "bias" else dtype,
                      "gradient", f"d{name}")
     return out, stats, grads
+
+
+def _assert_rounding_residual(out, residual, stats):
+    """On every row that saw a key, residual is what rounding the fp32 output to out's dtype lost: within one ulp
+    of out (half an ulp on the GPU; Triton's interpreter truncates), and not all zero."""
+    seen = torch.isfinite(stats[0])[..., None].expand_as(out) & torch.isfinite(out)
+    o, r = out[seen].float(), residual[seen].float()
+    assert torch.isfinite(r).all(), "the residual has non-finite values on rows that saw keys"
+    ulp = o.abs() * torch.finfo(out.dtype).eps + torch.finfo(out.dtype).tiny
+    assert (r.abs() <= ulp).all(), f"residual beyond an ulp of out: {(r.abs() / ulp).max():.3g} ulp"
+    assert out.dtype == torch.float32 or not o.numel() or r.abs().max() > 0, "the residual is all zero"
 
 
 def _rank(dtype):
@@ -305,6 +321,37 @@ def test_half(impl, dtype, extra):
     check(impl, dtype=dtype, **extra)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("extra", [dict(causal=True, hq=4, hkv=2, dv=24), dict(bias=(2, 1, 40, 56), mask=(2, 1, 1, 56)),
+                                   dict(dropout_p=0.3, window=(20, 5)), dict(nq=3, nk=70)])
+def test_fp32_delta(impl, dtype, extra):
+    """Half-precision training keeps out's rounding residual (spec.fp32_delta): every feature still matches the
+    oracle, forward and gradients; three queries over 70 keys take the flash kernel, not decode's."""
+    check(impl, dtype=dtype, fp32_delta=True, **extra)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fp32_delta_brings_peaked_dq_and_dk_to_dv_accuracy(impl, seed):
+    """A peaked bf16 softmax (scale 2, D 16): with delta from the rounded out, each row's dS no longer sums to zero
+    and dq, dk are about twice as far from float64 as dv (which delta does not touch); with fp32_delta they are
+    within 1.3x of dv's error and at most 0.75x of their own error without it (interpreter: 0.013 -> 0.007)."""
+    run = IMPLEMENTATIONS[impl]
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=gen).bfloat16() for n in (40, 56, 56))
+    dout = torch.randn(2, 2, 40, 16, generator=gen).bfloat16()
+    errors = {}
+    for fp32_delta in (False, True):
+        spec = AttentionSpec(scale=2.0, causal=True, fp32_delta=fp32_delta)
+        residual = torch.empty(2, 2, 40, 16, dtype=torch.bfloat16) if fp32_delta else None
+        out, stats = run.forward(q, k, v, None, None, None, spec, residual=residual)
+        grads = run.backward(dout, q, k, v, None, None, None, out, stats, spec, False, residual=residual)[:3]
+        want = oracle_gradients(dout, q, k, v, spec)[2:5]
+        errors[fp32_delta] = [relative_error(g, w) for g, w in zip(grads, want)]
+    (dq0, dk0, _), (dq1, dk1, dv1) = errors[False], errors[True]
+    assert dq1 <= 0.75 * dq0 and dk1 <= 0.75 * dk0, errors
+    assert max(dq1, dk1) <= 1.3 * dv1, errors
+
+
 def test_float64_takes_the_cpu_path(impl):
     check(impl, dtype=torch.float64, causal=True, bias=(2, 2, 40, 56))
 
@@ -334,6 +381,16 @@ def test_empty_rows_average_with_key_padding(impl, causal, window, nq, fill_adds
         hidden = torch.isneginf(stats[0])
         assert hidden[0, :, :9].all() and (dq[0, :, :9] == 0).all() != fill_adds
         assert hidden[1].any() == (window != (-1, -1))  # right padding hides a whole window only
+
+
+@pytest.mark.parametrize("fill_adds", [False, True])
+def test_fp32_delta_with_hidden_rows(impl, fill_adds):
+    """bf16 training with left padding under causal structure: the rows that see no key take the fix-up's mean of v
+    (their residual is never read: the main backward skips them), the others delta from the fp32 output."""
+    keys = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    keys[0, ..., :9] = False
+    check(impl, nq=40, nk=40, causal=True, mask=keys, mask_value=torch.finfo(torch.float32).min, hkv=1,
+          empty_rows="average", fill_adds=fill_adds, dtype=torch.bfloat16, fp32_delta=True)
 
 
 def _padding(nk, *kept):
@@ -559,7 +616,7 @@ def test_op_schema_takes_the_encoded_spec():
     bias = torch.randn(1, 4, 1, 45)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
     spec = AttentionSpec(scale=0.2, causal=True, window=(20, -1))
-    out, _ = torch.ops.flashfuse.fwd(*leaves, None, None, spec.encode())
+    out, _, _ = torch.ops.flashfuse.fwd(*leaves, None, None, spec.encode())
     dout = torch.randn_like(out)
     out.backward(dout)
     ref_out, _, *ref_grads = oracle_gradients(dout, q, k, v, spec, bias)

@@ -75,7 +75,8 @@ def test_a_wrong_answer_fails_against_eager_and_float64(monkeypatch):
     from flashfuse.kernels import cpu, flash
     for module in (cpu, flash):
         real = module.forward
-        monkeypatch.setattr(module, "forward", lambda *args, real=real: (lambda o, s: (o * 1.1, s))(*real(*args)))
+        monkeypatch.setattr(module, "forward",
+                            lambda *args, real=real, **kw: (lambda o, s: (o * 1.1, s))(*real(*args, **kw)))
     fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.25, -1) @ v  # noqa: E731
     verdict = check_equivalence(fn, *_inputs(), expected_sites=1, grad=False, options={"compiler": "eager"})
     assert verdict.outcome == "failed" and "from float64" in verdict.evidence[0], str(verdict)

@@ -59,9 +59,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
                          empty_rows=empty_rows, fp8=_fp8_mode(fp8, q, k, v, bias))
     if spec.softcap == 0.0 and softcap is not None:
         raise ValueError("softcap must be positive (None for no softcap), got 0")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
+    spec = op.training_spec(spec, q.dtype, needs_grad)
     if not _direct_ok(q, k, v, bias, mask):
         return op.call(q, k, v, spec, bias, mask)[0]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
+    if needs_grad:
         return _Attention.apply(q, k, v, bias, mask, spec)
     return _forward(q, k, v, bias, mask, spec)[0]
 
@@ -89,8 +91,8 @@ def _direct_ok(*tensors):
 
 def _forward(q, k, v, bias, mask, spec):
     seed = op.new_seed(q) if spec.random else None
-    out, stats, impl = op.run_forward(q, k, v, bias, mask, seed, spec)
-    return out, stats, seed, impl
+    out, stats, residual, impl = op.run_forward(q, k, v, bias, mask, seed, spec)
+    return out, stats, seed, residual, impl
 
 
 class _Attention(torch.autograd.Function):
@@ -98,16 +100,17 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, spec):
-        out, stats, seed, impl = _forward(q, k, v, bias, mask, spec)
+        out, stats, seed, residual, impl = _forward(q, k, v, bias, mask, spec)
         ctx.spec, ctx.impl = spec, impl
-        ctx.save_for_backward(q, k, v, bias, mask, seed, out, stats)
+        ctx.save_for_backward(q, k, v, bias, mask, seed, out, stats, residual)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, bias, mask, seed, out, stats = ctx.saved_tensors
+        q, k, v, bias, mask, seed, out, stats, residual = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = ctx.impl.backward(dout, q, k, v, bias, mask, seed, out, stats, ctx.spec, bias_grad)
+        dq, dk, dv, dbias = ctx.impl.backward(dout, q, k, v, bias, mask, seed, out, stats, ctx.spec, bias_grad,
+                                              residual=residual if residual.numel() else None)
         return dq, dk, dv, dbias, None, None
 
 

@@ -88,22 +88,25 @@ def _empty_rows_to_zero(out, row_max, spec):
     return out.masked_fill(torch.isneginf(row_max)[..., None], 0.0)
 
 
-def forward(q, k, v, bias, mask, seed, spec):
-    """Blockwise online-softmax forward: out (B, Hq, Nq, Dv) in q's dtype and stats (2, B, Hq, Nq). An FP8 spec
-    runs on q, k, v as FP8 holds them (fp8.dequantized)."""
+def forward(q, k, v, bias, mask, seed, spec, residual=None):
+    """Blockwise online-softmax forward: out (B, Hq, Nq, Dv) in q's dtype and stats (2, B, Hq, Nq); out's rounding
+    residual into `residual` when given (spec.fp32_delta). An FP8 spec runs on q, k, v as FP8 holds them
+    (fp8.dequantized)."""
     if spec.fp8 and not empty.is_empty(q, k):
         qx, kx, vx = fp8.dequantized(q, k, v, spec)
         out, stats = forward(qx, kx, vx, bias, mask, seed, spec.replace(fp8=""))
         return out.to(q.dtype), stats.to(stats_dtype(q.dtype))
-    out, stats = _forward(q, k, v, bias, mask, seed, spec)
+    out, stats = _forward(q, k, v, bias, mask, seed, spec, residual)
     return hidden_rows.finish_forward(out, stats, v, spec) if not empty.is_empty(q, k) else (out, stats)
 
 
-def _forward(q, k, v, bias, mask, seed, spec):
+def _forward(q, k, v, bias, mask, seed, spec, residual=None):
     if empty.is_empty(q, k):
+        if residual is not None:
+            residual.zero_()
         return empty.forward(q, k, v, stats_dtype(q.dtype))
     nq, nk = q.shape[2], k.shape[2]
-    if _fused_ok(q, k, v, bias, mask, spec):
+    if residual is None and _fused_ok(q, k, v, bias, mask, spec):  # aten's kernel keeps no fp32 output
         qx, kx, vx, bx = _fused_args(q, k, v, bias)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qx, kx, vx, 0.0, spec.causal, attn_mask=bx, scale=spec.scale)
@@ -130,24 +133,29 @@ def _forward(q, k, v, bias, mask, seed, spec):
         o = o * alpha + torch.matmul(p, vx[:, :, start:end].to(acc))
         m = m_new
     stats = torch.stack([m.squeeze(-1), torch.log(l).squeeze(-1)]).to(stats_dtype(q.dtype))
-    return _empty_rows_to_zero((o / l).to(q.dtype), stats[0], spec), stats
+    o = _empty_rows_to_zero(o / l, stats[0], spec)
+    out = o.to(q.dtype)
+    if residual is not None:
+        residual.copy_(o - out.to(o.dtype))
+    return out, stats
 
 
-def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse=None):
+def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse=None, residual=None):
     """Blockwise backward, recomputing p from stats. Returns dq, dk, dv (shapes of q, k, v) and dbias or None.
-    dlse (B, Hq, Nq) or None: the gradient of the rows' logsumexp (stats[0] + stats[1])."""
+    dlse (B, Hq, Nq) or None: the gradient of the rows' logsumexp (stats[0] + stats[1]); residual: out's rounding
+    residual (spec.fp32_delta) or None."""
     fp8.no_backward(spec)
-    dq, dk, dv, dbias = _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse)
+    dq, dk, dv, dbias = _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse, residual)
     return (*hidden_rows.finish_backward((dq, dk, dv), dout, q, k, v, stats, spec), dbias)
 
 
-def _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse=None):
+def _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse=None, residual=None):
     if empty.is_empty(q, k):
         return empty.backward(q, k, v, bias, bias_grad)
     nq, nk = q.shape[2], k.shape[2]
     lse = stats[0] + stats[1]
-    if dlse is None and _fused_ok(q, k, v, bias, mask, spec, bias_grad) and not bool(_saturated(lse).any()) \
-            and not bool(torch.isneginf(lse).any()):
+    fused = dlse is None and residual is None and _fused_ok(q, k, v, bias, mask, spec, bias_grad)
+    if fused and not bool(_saturated(lse).any()) and not bool(torch.isneginf(lse).any()):
         qx, kx, vx, bx = _fused_args(q, k, v, bias)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.contiguous(), qx, kx, vx, out, lse, 0.0, spec.causal, attn_mask=bx, scale=spec.scale)
@@ -158,7 +166,8 @@ def _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse
     row_max, log_sum = stats[0].to(acc)[..., None], stats[1].to(acc)[..., None]
     # rows that saw no key (max -inf) get p = 0 and delta = 0, so nothing leaks into the gradients
     dead = torch.isneginf(row_max)
-    delta = (do * out.to(acc)).sum(-1, keepdim=True)  # rowsum(dO * O): (B, Hq, Nq, 1)
+    o = out.to(acc) if residual is None else out.to(acc) + residual.to(acc)  # the fp32 output (spec.fp32_delta)
+    delta = (do * o).sum(-1, keepdim=True)  # rowsum(dO * O): (B, Hq, Nq, 1)
     if dlse is not None:  # d logsumexp / d s = p: the row's gradient joins delta
         delta = delta - dlse.to(acc)[..., None]
     delta = torch.where(dead, 0.0, delta)

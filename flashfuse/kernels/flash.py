@@ -18,31 +18,35 @@ def direct(kernel, grid):
     return kernel[grid]
 
 
-def forward(q, k, v, bias, mask, seed, spec, launch=direct):
-    """out (B, Hq, Nq, Dv) in q's dtype, contiguous, and stats (2, B, Hq, Nq) fp32 (see cpu.py).
+def forward(q, k, v, bias, mask, seed, spec, launch=direct, residual=None):
+    """out (B, Hq, Nq, Dv) in q's dtype, contiguous, and stats (2, B, Hq, Nq) fp32 (see cpu.py); with spec.fp32_delta
+    out's rounding residual goes into `residual` (B, Hq, Nq, Dv), contiguous.
 
     launch(kernel, grid) returns what to call with the kernel's arguments: `direct`, or torch's
     wrap_triton so that torch.compile sees the kernels (op.py)."""
     if not configs.kernels_hold(q, v) or empty.is_empty(q, k):
-        return cpu.forward(q, k, v, bias, mask, seed, spec)
+        return cpu.forward(q, k, v, bias, mask, seed, spec, residual=residual)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     seed = seed if spec.random else None
     if spec.fp8:
         out, stats = flash_fp8.forward(q, k, v, bias, as_bytes(mask), spec, launch)
         return flash_hidden.finish_forward(out, stats, v, spec, launch)
-    kernels = flash_decode if flash_decode.suits(q, k) else flash_fwd
-    out, stats = kernels.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch)
+    if residual is None and flash_decode.suits(q, k):  # decode is for inference: it keeps no residual
+        out, stats = flash_decode.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch)
+    else:
+        out, stats = flash_fwd.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch, residual)
     return flash_hidden.finish_forward(out, stats, v, spec, launch)
 
 
-def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch=direct, dlse=None):
+def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch=direct, dlse=None, residual=None):
     """dq, dk, dv (shapes and dtypes of q, k, v) and dbias (bias's shape and dtype) or None. dlse (B, Hq, Nq) or
-    None: the gradient of the rows' logsumexp, stats[0] + stats[1] (an attention sink's rescale reads it)."""
+    None: the gradient of the rows' logsumexp, stats[0] + stats[1] (an attention sink's rescale reads it).
+    residual: what the forward wrote there with spec.fp32_delta, or None."""
     no_backward(spec)
     if not configs.kernels_hold(q, v) or empty.is_empty(q, k):
-        return cpu.backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse)
+        return cpu.backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse, residual)
     q, k, v, dout = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), unit_last_stride(dout)
     seed = seed if spec.random else None
     dq, dk, dv, dbias = flash_bwd.backward(dout, q, k, v, bias, as_bytes(mask), seed, out, stats, spec, bias_grad,
-                                           launch, dlse)
+                                           launch, dlse, residual)
     return (*flash_hidden.finish_backward((dq, dk, dv), dout, q, k, v, stats, spec, launch), dbias)

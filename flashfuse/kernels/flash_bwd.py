@@ -170,9 +170,10 @@ def _dkdv_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, DBias, dK, dV,
              mask=kv_valid & (offs_dv[None, :] < DV))
 
 
-def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch, dlse=None):
+def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch, dlse=None, residual=None):
     """Launch dQ (which writes delta), then dK/dV. mask is uint8; stats (2, B, Hq, Nq) as the forward wrote them;
-    dlse (B, Hq, Nq) or None: the gradient of each row's logsumexp (it enters as delta - dlse).
+    dlse (B, Hq, Nq) or None: the gradient of each row's logsumexp (it enters as delta - dlse); residual: out's
+    rounding residual (spec.fp32_delta) or None.
     Returns dq, dk, dv, dbias (or None)."""
     b, hq, nq, d = q.shape
     hkv, nk, dv_ = k.shape[1], k.shape[2], v.shape[-1]
@@ -203,8 +204,8 @@ def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launc
     flags = dict(constexprs(spec, bias, mask, q.dtype), D=d, DV=dv_, HEAD_D=head_d, HEAD_DV=head_dv)
     cfg = configs.default("dq", head)
     launch(_dq_kernel, (configs.cdiv(nq, cfg["BLOCK_M"]), b * hq))(
-        *tensors, dq, out, *strides, hq, hq // hkv, nq, nk, fill_argument(spec), **flags, **cfg,
-        DELTA_IN=dlse is not None)
+        *tensors, dq, out, out if residual is None else residual.contiguous(), *strides, hq, hq // hkv, nq, nk,
+        fill_argument(spec), **flags, **cfg, DELTA_IN=dlse is not None, RESIDUAL=residual is not None)
     cfg = configs.default("dkdv", head)
     launch(_dkdv_kernel, (configs.cdiv(nk, cfg["BLOCK_N"]), b * hkv))(
         *tensors, dbias, dk, dv, *strides, *broadcast_strides(dbias if bias_grad else None), hq, hq // hkv, nq, nk,

@@ -74,13 +74,13 @@ def _row_dot(A, B, rows_valid, DV: tl.constexpr, HEAD_DV: tl.constexpr):
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
+def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out, Res,
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
                n_heads, group, n_queries, n_keys, mask_value,
                SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, RAW: tl.constexpr,
                PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr, SKIP_PADDING: tl.constexpr, DELTA_IN: tl.constexpr,
-               D: tl.constexpr,
+               RESIDUAL: tl.constexpr, D: tl.constexpr,
                DV: tl.constexpr,
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # DELTA_IN: Delta arrives holding -dlse, the gradient of each row's logsumexp, which joins delta
@@ -91,9 +91,12 @@ def _dq_kernel(Q, K, V, dO, Stats, Delta, Bias, Mask, Seed, dQ, Out,
     n_stats = tl.num_programs(1).to(tl.int64) * n_queries
     row = (b * n_heads + h) * n_queries + i
     row_max, log_sum = _row_stats(Stats, row, n_stats, i < n_queries, True)
-    # delta = rowsum(dO * O), O contiguous; 0 on rows that saw no key (row_max +inf here; their O is NaN or 0)
-    delta = _row_dot(Out + row[:, None] * DV, dO + b * sdb + h * sdh + i[:, None] * sdm, i[:, None] < n_queries,
-                     DV, HEAD_DV)
+    # delta = rowsum(dO * O), O contiguous; 0 on rows that saw no key (row_max +inf here; their O is NaN or 0).
+    # With RESIDUAL, O is out + residual: the fp32 output, so that each row's dS sums to zero (spec.fp32_delta)
+    do_rows = dO + b * sdb + h * sdh + i[:, None] * sdm
+    delta = _row_dot(Out + row[:, None] * DV, do_rows, i[:, None] < n_queries, DV, HEAD_DV)
+    if RESIDUAL:
+        delta += _row_dot(Res + row[:, None] * DV, do_rows, i[:, None] < n_queries, DV, HEAD_DV)
     if DELTA_IN:
         delta += tl.load(Delta + row, mask=i < n_queries, other=0.0)
     delta = tl.where(row_max == float("inf"), 0.0, delta)

@@ -98,13 +98,13 @@ def _fwd_epilogue(acc, l_i, m_i, RAW: tl.constexpr, SCALE: tl.constexpr, DROPOUT
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Stats,
+def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Stats, Res,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
                 n_heads, group, n_queries, n_keys, mask_value,
                 SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                 DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, RAW: tl.constexpr,
                 EMPTY_ZERO: tl.constexpr, PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr,
-                SKIP_PADDING: tl.constexpr, D: tl.constexpr,
+                SKIP_PADDING: tl.constexpr, RESIDUAL: tl.constexpr, D: tl.constexpr,
                 DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     pid_bh, b, h, hkv, m0, i = _query_block(n_heads, group, RIGHT, BLOCK_M)
@@ -139,8 +139,12 @@ def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Stats,
                                    seed, n_keys, shift, stage != 1, RAW, SCALE, SOFTCAP, LEFT, RIGHT, DROPOUT_P,
                                    HAS_BIAS, HAS_MASK, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
     out, m_i, log_sum = _fwd_epilogue(acc, l_i, m_i, RAW, SCALE, DROPOUT_P, EMPTY_ZERO)
-    o_ptrs = Out + pid_bh.to(tl.int64) * n_queries * DV + i[:, None] * DV + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(i[:, None] < n_queries) & (offs_dv[None, :] < DV))
+    o_offs = pid_bh.to(tl.int64) * n_queries * DV + i[:, None] * DV + offs_dv[None, :]
+    o_valid = (i[:, None] < n_queries) & (offs_dv[None, :] < DV)
+    rounded = out.to(Out.dtype.element_ty)
+    tl.store(Out + o_offs, rounded, mask=o_valid)
+    if RESIDUAL:  # what rounding lost, for the backward's delta (spec.fp32_delta)
+        tl.store(Res + o_offs, (out - rounded.to(tl.float32)).to(Out.dtype.element_ty), mask=o_valid)
     # stats (2, B, Hq, Nq): the row max and the log-sum apart (a max near -3.4e38 would swallow the log-sum)
     stat_ptrs = Stats + pid_bh.to(tl.int64) * n_queries + i
     n_rows = tl.num_programs(1).to(tl.int64) * n_queries
@@ -160,8 +164,9 @@ def unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def forward(q, k, v, bias, mask, seed, spec, launch):
-    """Launch the forward kernel. mask is uint8 (see flash_common.as_bytes). Returns out, stats (fp32)."""
+def forward(q, k, v, bias, mask, seed, spec, launch, residual=None):
+    """Launch the forward kernel. mask is uint8 (see flash_common.as_bytes). Returns out, stats (fp32); writes
+    out's rounding residual into `residual` when given (contiguous, out's shape and dtype)."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.empty((b, hq, nq, dv), dtype=q.dtype, device=q.device)
@@ -171,8 +176,9 @@ def forward(q, k, v, bias, mask, seed, spec, launch):
     grid = (configs.cdiv(nq, cfg["BLOCK_M"]), b * hq)
     launch(_fwd_kernel, grid)(
         q, k, v, q if bias is None else bias, q if mask is None else mask, q if seed is None else seed, out, stats,
+        out if residual is None else residual,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *broadcast_strides(bias), *broadcast_strides(mask),
         hq, hq // hkv, nq, nk, fill_argument(spec), **constexprs(spec, bias, mask, q.dtype),
-        EMPTY_ZERO=spec.empty_rows == "zero",
+        EMPTY_ZERO=spec.empty_rows == "zero", RESIDUAL=residual is not None,
         D=d, DV=dv, HEAD_D=head_d, HEAD_DV=head_dv, **cfg)
     return out, stats

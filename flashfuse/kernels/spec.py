@@ -24,6 +24,12 @@ added after the mask's fill, `where(mask, s, mask_value) + bias`, as GPT-Neo add
 its causal buffer filled: a key that both hide gets fill + fill (-inf), one that one of them hides the fill, so a
 query that sees no key weighs exactly the keys eager's softmax does.
 
+With fp32_delta (set for half-precision training: rewrite and `flashfuse.attention` turn it on when q, k or v
+need a gradient) the forward also writes out's rounding residual, (fp32 out) - (out in q's dtype), so that the
+backward's delta = rowsum(dO * O) reads O as the fp32 accumulator held it. Each row's dS = P * (dP - delta) sums
+to zero only with that delta: from the rounded O, a peaked softmax's dq and dk were several times further from
+float64 than eager's (tests/test_fuzz.py, bf16_peaked_gradients). It costs one more (B, Hq, Nq, Dv) tensor.
+
 With fp8 ("plain" or "incoherent") q, k and v are quantized to float8_e4m3fn first and P to e4m3 for p @ v
 (fp8.py, flash_fp8.py): the same formula to FP8's precision, forward only (inference), no bias or dropout.
 
@@ -70,6 +76,7 @@ class AttentionSpec:
     fill_adds: bool = False  # the mask's fill was added to the scores (s + fill), not put in their place
     fp8: str = ""  # "": q, k, v as given; "plain" or "incoherent": quantized to e4m3 first (fp8.py), forward only
     bias_last: bool = False  # the bias is added after the mask's fill, not before
+    fp32_delta: bool = False  # the forward also returns out's rounding residual, for the backward's delta
 
     def __post_init__(self):
         _check_real("scale", self.scale)
@@ -95,12 +102,13 @@ class AttentionSpec:
         if self.fill_adds and (self.empty_rows == "zero" or self.softcap or not math.isfinite(self.mask_value)):
             raise ValueError("fill_adds needs a finite mask_value, empty_rows 'average' or 'nan', and no softcap "
                              "(hidden_rows.py says why)")
-        if not isinstance(self.bias_last, bool):
-            raise ValueError(f"bias_last must be a bool, got {type(self.bias_last).__name__}")
+        for name in ("bias_last", "fp32_delta"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.fp8 not in FP8_MODES:
             raise ValueError(f"fp8 must be one of {FP8_MODES}, got {self.fp8!r}")
-        if self.fp8 and self.dropout_p:
-            raise ValueError("fp8 is for inference: it takes no dropout")
+        if self.fp8 and (self.dropout_p or self.fp32_delta):
+            raise ValueError("fp8 is for inference: it takes no dropout and no fp32_delta")
         for name in ("scale", "softcap", "dropout_p", "mask_value"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -154,6 +162,8 @@ class AttentionSpec:
             shown.append("bias_last")
         if self.fp8:
             shown.append(f"fp8={self.fp8}")
+        if self.fp32_delta:
+            shown.append("fp32_delta")
         return " ".join(shown)
 
 
@@ -170,7 +180,7 @@ def _decode(text):
         if name == "window":
             left, right = raw.split(":")
             values[name] = (int(left), int(right))
-        elif name in ("causal", "fill_adds", "bias_last"):
+        elif name in ("causal", "fill_adds", "bias_last", "fp32_delta"):
             values[name] = raw == "True"
         elif name in ("empty_rows", "fp8"):
             values[name] = raw

@@ -55,14 +55,7 @@ __all__ = ["FILLS", "K_UNTRANSPOSES", "LAYOUTS", "LAYOUTS_3D", "LAYOUTS_4D", "NE
 #: Open bugs the drawn programs can steer around, by name, so that a long run finds new ones: each gets a strict
 #: xfail regression test in tests/test_fuzz.py and a condition on `name in avoid` in choices.draw_choices; drop
 #: both once it is fixed. The fixed ones keep their regression tests (tests/test_fuzz.py, "regressions").
-OPEN_BUGS = {
-    "bf16_peaked_gradients": "on peaked softmaxes (scores with std ~10) in bf16, gradients are several times further "
-                             "from float64 than eager bf16's: the Triton backward's dq and dk (delta = rowsum(dO * O) "
-                             "reads the bf16-rounded O, flash_bwd._bwd_preprocess), and on every backend the gradient "
-                             "of a runtime 0-dim scale (it flows through q * t in bf16), through the Triton backward "
-                             "also at ordinary scales when it is learned; steered around by keeping bf16 attention "
-                             "at the usual scale or below, with no learned temperature",
-}
+OPEN_BUGS = {}  # none open: bf16_peaked_gradients (fuzzing.md #10, #12) was fixed by spec.fp32_delta
 
 
 def attention_programs(attention: Optional[bool] = None, dtypes=("float32", "float32", "float32", "bfloat16"),

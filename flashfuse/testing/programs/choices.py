@@ -65,13 +65,6 @@ class _Picker:
         return value
 
 
-def _scale_factor(value, op, d):
-    """What a drawn scale (value, op) multiplies the scores by."""
-    if value == "sqrt_d":
-        return d ** -0.5
-    return 1.0 / value if "div" in op else value
-
-
 def _divisors_desc(n):
     return [d for d in range(n, 0, -1) if n % d == 0]
 
@@ -152,15 +145,14 @@ def draw_choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_di
     if not three_d and c.values.get("kT") != "pre_permuted" and d % 2 == 0:
         c.pick("rope", ("none", "none", "complex", "pairs"))
 
-    # scale (bf16: no softmax more peaked than with the usual D ** -0.5, see OPEN_BUGS)
-    peaked_ok = not (kind == "attention" and c.values["dtype"] == "bfloat16" and "bf16_peaked_gradients" in avoid)
-    placements = (["none"] if peaked_ok else []) + ["after", "on_q", "on_k", "on_kT", "both_quarter", "tensor"]
+    # scale
+    placements = ["none", "after", "on_q", "on_k", "on_kT", "both_quarter", "tensor"]
     if baddbmm:
         placements.append("alpha")
     scale = c.pick("scale", placements + ["after_bias", "after_mask"])  # the last two need a bias / mask
-    if scale == "tensor":  # (bf16: no learned temperature either, see OPEN_BUGS)
-        c.pick("scale_tensor", ("full", "tensor", "buffer") + (("param",) if peaked_ok else ()))
-        c.pick("scale_op", ("mul", "div") if peaked_ok else ("mul",))
+    if scale == "tensor":
+        c.pick("scale_tensor", ("full", "tensor", "buffer", "param"))
+        c.pick("scale_op", ("mul", "div"))
     elif scale in ("after", "after_bias", "after_mask"):
         c.pick("scale_op", ("div", "mul", "rmul", "div_method", "mul_method", "idiv", "imul", "div_",
                             "torch_mul", "torch_div"))
@@ -169,10 +161,7 @@ def draw_choices(draw, attention, dtypes, max_batch, max_heads, max_seq, head_di
     if scale == "on_q" and layout in ("proj", "proj3d"):
         c.pick("scale_site", ("heads", "projection"))
     if scale != "none" and scale != "both_quarter":
-        values = ("sqrt_d", 0.125, 0.3, 1.7) if scale != "tensor" else (0.125, 0.3, 1.7)
-        if not peaked_ok:
-            values = tuple(v for v in values if _scale_factor(v, c.values.get("scale_op", "mul"), d) <= d ** -0.5)
-        c.pick("scale_value", values)
+        c.pick("scale_value", ("sqrt_d", 0.125, 0.3, 1.7) if scale != "tensor" else (0.125, 0.3, 1.7))
 
     # bias (baddbmm's input adds it before anything else: then no softcap and no tensor scale follow)
     patterns = PATTERNS_3D if three_d else PATTERNS_4D
