@@ -13,7 +13,11 @@ Options (all optional; keys that are not flashfuse's go to inductor as config pa
         gradients, and a site with a bias, keep their dtype; `explain` says so per site.
 `mode` ("default", "reduce-overhead", "max-autotune", ...) is forwarded to inductor.
 """
+import contextlib
+import functools
+import hashlib
 import logging
+import os
 
 import torch
 
@@ -52,7 +56,32 @@ def flashfuse_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, optio
     from torch._inductor.compile_fx import compile_fx
     patches = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
     patches.update(inductor_options)
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    with _tagged_caches():
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+@functools.lru_cache(maxsize=1)
+def build_tag():
+    """"flashfuse-" and a hash of the op and kernel sources (flashfuse/kernels/*.py).
+
+    Inductor's FX-graph cache and AOTAutograd's cache key a graph by its code, which names the op
+    (`flashfuse.fwd`) but holds nothing of its schema or of the Python that launches its kernels: after an
+    upgrade that changes either, a warm cache would hand back code compiled against the old op (the old
+    backward's arguments, say). The tag joins the cache key, so it changes with them."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+    digest = hashlib.sha256()
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
+        with open(os.path.join(folder, name), "rb") as source:
+            digest.update(name.encode() + b"\0" + source.read())
+    return "flashfuse-" + digest.hexdigest()[:16]
+
+
+def _tagged_caches():
+    """torch.compiler.config.cache_key_tag with build_tag() added for this compilation (the user's tag kept)."""
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return contextlib.nullcontext()
+    return config.patch(cache_key_tag="+".join(filter(None, (config.cache_key_tag, build_tag()))))
 
 
 def _needs_grad(example_inputs):

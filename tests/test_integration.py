@@ -43,3 +43,27 @@ def test_second_process_hits_the_compile_caches():
     inductor's FX-graph cache and the AOTAutograd cache for every graph, with no misses."""
     (line,) = _run("caches")
     assert "caches cpu" in line
+
+
+def test_another_op_build_misses_the_caches_an_older_one_filled(tmp_path, monkeypatch):
+    """The caches key a graph by code that names the op but holds nothing of its schema or launchers: the backend
+    adds backend.build_tag() (a hash of flashfuse/kernels) to the key, so an upgraded flashfuse does not reuse code
+    compiled against the old op (an old backward's arguments, say)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from flashfuse import backend
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    fn = lambda q, k, v: torch.softmax(q @ k.mT * 0.25, -1) @ v  # noqa: E731
+
+    def compile_once():
+        torch._dynamo.reset()
+        counters.clear()
+        q, k, v = (torch.randn(2, 2, 8, 16, requires_grad=True) for _ in range(3))
+        torch.compile(fn, backend="flashfuse")(q, k, v).sum().backward()
+        return dict(counters["aot_autograd"])
+    assert compile_once().get("autograd_cache_saved") == 1
+    assert compile_once().get("autograd_cache_hit") == 1
+    monkeypatch.setattr(backend, "build_tag", lambda: "flashfuse-another-build")
+    assert compile_once().get("autograd_cache_miss") == 1
+
