@@ -52,7 +52,8 @@ def flashfuse_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, optio
     if ours["compiler"] == "eager":
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.debugging import boxed_nop
-        return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop)(gm, example_inputs)
+        with _tagged_caches():
+            return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop)(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
     patches = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
     patches.update(inductor_options)
