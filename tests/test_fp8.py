@@ -186,22 +186,33 @@ def test_a_site_with_a_bias_keeps_its_dtype_under_fp8():
     assert site.rewritten and not site.spec.fp8 and "fp8 off: a bias" in site.describe()
 
 
-@interpreter
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="upstream entry T1 (triton 3.8 interpreter): its fp32 -> float8e4nv cast "
-                          "drops the carry into the exponent (7.97 -> 4) and flushes subnormals to 0")
-def test_upstream_interpreter_fp8_cast_rounds_to_nearest():
+def _interpreter_cast(x, dtype):
+    """x (4 fp32 values) cast to `dtype` inside a Triton kernel."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def cast(X, Y):
+    def cast(X, Y, OUT: tl.constexpr):
         i = tl.arange(0, 4)
-        tl.store(Y + i, tl.load(X + i).to(tl.float8e4nv))
-    x = torch.tensor([7.97, -7.97, 0.0019, 0.5])
-    y = torch.empty(4, dtype=torch.float8_e4m3fn)
-    cast[(1,)](x, y)
-    assert torch.equal(y.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
+        tl.store(Y + i, tl.load(X + i).to(OUT))
+    y = torch.empty(4, dtype=dtype)
+    cast[(1,)](x, y, {torch.float8_e4m3fn: tl.float8e4nv, torch.bfloat16: tl.bfloat16}[dtype])
+    return y
+
+
+@interpreter
+@pytest.mark.parametrize("dtype, values", [
+    pytest.param(torch.float8_e4m3fn, [7.97, -7.97, 0.0019, 0.5], marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason="upstream entry T1 (triton 3.8 interpreter): its fp32 -> "
+        "float8e4nv cast drops the carry into the exponent (7.97 -> 4) and flushes subnormals to 0")),
+    pytest.param(torch.bfloat16, [1 + 2 ** -8 + 2 ** -12, -(1 + 2 ** -8 + 2 ** -12), 1 + 3 * 2 ** -9, 0.5],
+                 marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason="upstream entry T3 (triton 3.8 "
+                                         "interpreter): an fp32 -> bf16 cast truncates toward zero")),
+])
+def test_upstream_interpreter_casts_round_to_nearest(dtype, values):
+    x = torch.tensor(values)
+    got, want = _interpreter_cast(x, dtype), x.to(dtype)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # the same bits
 
 
 @interpreter
@@ -221,24 +232,6 @@ def test_upstream_interpreter_bf16_arithmetic():
     y = torch.empty_like(x)
     square[(1,)](x, y)
     assert torch.equal(y, x * x)
-
-
-@interpreter
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="upstream entry T3 (triton 3.8 interpreter): an fp32 -> bf16 cast truncates "
-                          "toward zero (1 + 2^-8 + 2^-12 becomes 1, not 1 + 2^-7)")
-def test_upstream_interpreter_bf16_cast_rounds_to_nearest():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def cast(X, Y):
-        i = tl.arange(0, 4)
-        tl.store(Y + i, tl.load(X + i).to(tl.bfloat16))
-    x = torch.tensor([1 + 2 ** -8 + 2 ** -12, -(1 + 2 ** -8 + 2 ** -12), 1 + 3 * 2 ** -9, 0.5])
-    y = torch.empty(4, dtype=torch.bfloat16)
-    cast[(1,)](x, y)
-    assert torch.equal(y, x.to(torch.bfloat16))
 
 
 @interpreter
