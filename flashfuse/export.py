@@ -40,7 +40,7 @@ def export(model, args=(), kwargs=None, *, dynamic_shapes=None):
         raise TypeError(f"args must be a tuple of example inputs, got {type(args).__name__}")
     kwargs = dict(kwargs or {})
     graph = torch._dynamo.export(model, dynamic_shapes=dynamic_shapes)(*args, **kwargs)[0]
-    sites = rewrite_graph(graph)
+    sites = rewrite_graph(graph, training=False)  # an exported program serves: no residual for a backward
     log.info("flashfuse.export: %d of %d sites rewritten", sum(s.rewritten for s in sites), len(sites))
     program = torch.export.export(graph, args, kwargs, dynamic_shapes=dynamic_shapes)
     program.flashfuse_sites = sites

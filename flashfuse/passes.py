@@ -53,14 +53,16 @@ class Site:
         return " ".join([self.spec.describe(), *extra])
 
 
-def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True, fp8=False, _prefix: str = "", _call=None,
-                  _depth=0) -> list:
+def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True, fp8=False, training: bool = True, _prefix: str = "",
+                  _call=None, _depth=0) -> list:
     """Rewrite gm in place; return a Site for every softmax and SDPA call found. Subgraphs that gm calls (the
     body of activation checkpointing, of a cond or a wrapper) are rewritten too, each on its own. fp8: True runs
-    the sites in FP8 where they can (no bias, no dropout); a string says why none can (the graph needs gradients)."""
+    the sites in FP8 where they can (no bias, no dropout); a string says why none can (the graph needs gradients).
+    training: False takes the graph as inference whatever its example values say (flashfuse.export), so no site
+    keeps a rounding residual for a backward (spec.fp32_delta)."""
     backup, call_args = _copy_graph(gm.graph), _call.args if _call is not None else None
     try:
-        sites = _rewrite(gm, sdpa, fp8, _prefix, _call, _depth)
+        sites = _rewrite(gm, sdpa, fp8, training, _prefix, _call, _depth)
         gm.graph.lint()
         gm.recompile()
     except Exception as exc:  # the pass must never break the user's compilation
@@ -74,7 +76,7 @@ def rewrite_graph(gm: torch.fx.GraphModule, sdpa: bool = True, fp8=False, _prefi
                  if is_softmax(n)]
     subgraphs = _subgraphs(gm)
     for name, sub, call in subgraphs:
-        sites += rewrite_graph(sub, sdpa, fp8, f"{_prefix}{name}.", call, _depth + 1)
+        sites += rewrite_graph(sub, sdpa, fp8, training, f"{_prefix}{name}.", call, _depth + 1)
     if subgraphs:
         gm.recompile()  # a subgraph may have taken a new operand from its call here
     return sites
@@ -170,7 +172,7 @@ def _training(plan):
         plan.spec = flash_op.training_spec(plan.spec, out.dtype, out.requires_grad)
 
 
-def _rewrite(gm, sdpa, fp8=False, prefix="", call=None, depth=0):
+def _rewrite(gm, sdpa, fp8=False, training=True, prefix="", call=None, depth=0):
     functionalize_inplace(gm.graph)
     sites = []
     for node in list(gm.graph.nodes):
@@ -182,7 +184,8 @@ def _rewrite(gm, sdpa, fp8=False, prefix="", call=None, depth=0):
             plan = match_softmax(node) if op.kind == "softmax" else sdpa_plan(node)
             _import_operands(gm.graph, plan, call)
             site.note = _fp8(plan, fp8)
-            _training(plan)
+            if training:
+                _training(plan)
             site.spec, site.operands = plan.spec, plan.operands()
             site.path = _path(plan)
             args = call.args if call is not None else None

@@ -52,3 +52,15 @@ def test_export_names_a_bad_argument():
     model, inputs = _model("gpt2")
     with pytest.raises(TypeError, match="args must be a tuple"):
         flashfuse.export(model, [inputs["input_ids"]])
+
+
+def test_exported_bf16_program_keeps_no_residual():
+    """An exported program serves: its bf16 sites keep no rounding residual for a backward (spec.fp32_delta), even
+    though the model's parameters require grad when it is exported, as they do when torch.compile trains it."""
+    model, inputs = _model("gpt2")
+    model = model.bfloat16()
+    program = flashfuse.export(model, kwargs=inputs)
+    assert len(program.flashfuse_sites) == 2 and all(s.rewritten for s in program.flashfuse_sites)
+    assert not any(s.spec.fp32_delta for s in program.flashfuse_sites)
+    assert all(flashfuse.explain(model, **inputs).sites[i].spec.fp32_delta for i in range(2))  # compiled: trains
+
