@@ -110,7 +110,7 @@ class _Attention(torch.autograd.Function):
         q, k, v, bias, mask, seed, out, stats, residual = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = ctx.impl.backward(dout, q, k, v, bias, mask, seed, out, stats, ctx.spec, bias_grad,
-                                              residual=residual if residual.numel() else None)
+                                              residual=op.given(residual))
         return dq, dk, dv, dbias, None, None
 
 

@@ -42,9 +42,11 @@ def dropout_scale(seed, shape, spec, device, start=0, end=None, dtype=torch.floa
 
 
 def _fused_ok(q, k, v, bias, mask, spec, bias_grad=False):
-    """aten's fused CPU kernel covers: no mask, softcap, window or dropout; causal only when Nq == Nk; Dv == D."""
+    """aten's fused CPU kernel covers: no mask, softcap, window or dropout; causal only when Nq == Nk; Dv == D; no
+    fp32_delta (it keeps no fp32 output to take the residual from)."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and v.shape[-1] == q.shape[-1] and mask is None and not spec.softcap and not spec.dropout_p
+            and not spec.fp32_delta
             and spec.window == (-1, -1) and (not spec.causal or q.shape[2] == k.shape[2])
             and (bias is None or (bias.dtype == q.dtype and not bias_grad)))
 
@@ -106,7 +108,7 @@ def _forward(q, k, v, bias, mask, seed, spec, residual=None):
             residual.zero_()
         return empty.forward(q, k, v, stats_dtype(q.dtype))
     nq, nk = q.shape[2], k.shape[2]
-    if residual is None and _fused_ok(q, k, v, bias, mask, spec):  # aten's kernel keeps no fp32 output
+    if _fused_ok(q, k, v, bias, mask, spec):
         qx, kx, vx, bx = _fused_args(q, k, v, bias)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qx, kx, vx, 0.0, spec.causal, attn_mask=bx, scale=spec.scale)
@@ -154,8 +156,8 @@ def _backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, dlse
         return empty.backward(q, k, v, bias, bias_grad)
     nq, nk = q.shape[2], k.shape[2]
     lse = stats[0] + stats[1]
-    fused = dlse is None and residual is None and _fused_ok(q, k, v, bias, mask, spec, bias_grad)
-    if fused and not bool(_saturated(lse).any()) and not bool(torch.isneginf(lse).any()):
+    if dlse is None and _fused_ok(q, k, v, bias, mask, spec, bias_grad) and not bool(_saturated(lse).any()) \
+            and not bool(torch.isneginf(lse).any()):
         qx, kx, vx, bx = _fused_args(q, k, v, bias)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.contiguous(), qx, kx, vx, out, lse, 0.0, spec.causal, attn_mask=bx, scale=spec.scale)

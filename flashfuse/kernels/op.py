@@ -83,7 +83,8 @@ def training_spec(spec: AttentionSpec, dtype: torch.dtype, needs_grad: bool) -> 
     return spec
 
 
-def _given(residual):
+def given(residual: Optional[Tensor]) -> Optional[Tensor]:
+    """The residual as the implementations take it: None when the forward kept none (an empty tensor)."""
     return residual if residual is not None and residual.numel() else None
 
 
@@ -93,7 +94,7 @@ def run_forward(q, k, v, bias, mask, seed, spec: AttentionSpec):
     name, impl = _implementation(q, v)
     CALLS[name] += 1
     residual = new_residual(q, v, spec)
-    out, stats = impl.forward(q, k, v, bias, mask, seed, spec, residual=_given(residual))
+    out, stats = impl.forward(q, k, v, bias, mask, seed, spec, residual=given(residual))
     return out, stats, residual, impl
 
 
@@ -106,7 +107,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[
     CALLS["triton"] += 1
     decoded = AttentionSpec.decode(spec)
     residual = new_residual(q, v, decoded)
-    out, stats = flash.forward(q, k, v, bias, mask, seed, decoded, launch=_traceable, residual=_given(residual))
+    out, stats = flash.forward(q, k, v, bias, mask, seed, decoded, launch=_traceable, residual=given(residual))
     return out, stats, residual
 
 
@@ -119,7 +120,7 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], m
                                               bias_grad)
     from flashfuse.kernels import flash
     dq, dk, dv, dbias = flash.backward(dout, q, k, v, bias, mask, seed, out, stats, AttentionSpec.decode(spec),
-                                       bias_grad, launch=_traceable, dlse=dlse, residual=_given(residual))
+                                       bias_grad, launch=_traceable, dlse=dlse, residual=given(residual))
     return dq, dk, dv, (q.new_empty(0) if dbias is None else dbias)
 
 
@@ -143,7 +144,7 @@ def opaque_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
                spec: str, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, impl = _implementation(q, v)
     dq, dk, dv, dbias = impl.backward(dout, q, k, v, bias, mask, seed, out, stats, AttentionSpec.decode(spec),
-                                      bias_grad, dlse=dlse, residual=_given(residual))
+                                      bias_grad, dlse=dlse, residual=given(residual))
     dbias = q.new_empty(0) if dbias is None else dbias.contiguous()
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
 
