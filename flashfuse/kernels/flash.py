@@ -33,9 +33,8 @@ def forward(q, k, v, bias, mask, seed, spec, launch=direct, residual=None):
         return flash_hidden.finish_forward(out, stats, v, spec, launch)
     if residual is None and flash_decode.suits(q, k):  # decode is for inference: it keeps no residual
         out, stats = flash_decode.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch)
-    else:
-        out, stats = flash_fwd.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch, residual)
-    return flash_hidden.finish_forward(out, stats, v, spec, launch)
+        return flash_hidden.finish_forward(out, stats, v, spec, launch)
+    return flash_fwd.forward(q, k, v, bias, as_bytes(mask), seed, spec, launch, residual)  # hidden rows inside
 
 
 def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launch=direct, dlse=None, residual=None):

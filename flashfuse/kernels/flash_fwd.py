@@ -4,7 +4,13 @@ Online softmax in fp32 with exp2 and deferred normalization. The keys a query bl
 stages (flash_common._stage): masked blocks left of the fully visible band (window), the mask-free band, and
 masked blocks on the diagonal / right window edge / ragged key tail. Fully hidden key blocks are never loaded:
 those the structure hides, and with SKIP_PADDING those key padding hides (flash_common).
+
+empty_rows="average" (hidden_rows.py states the rule) is applied in the epilogue: a query block with a hidden row
+reads all of v once more for the mean, so no fix-up kernel is launched after this one (flash_hidden.py does that
+for the decode and FP8 kernels).
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -98,12 +104,36 @@ def _fwd_epilogue(acc, l_i, m_i, RAW: tl.constexpr, SCALE: tl.constexpr, DROPOUT
 
 
 @triton.jit
+def _average_hidden(out, m_i, log_sum, valid, V, svn, n_keys, fill, FINITE_FILL: tl.constexpr, DV: tl.constexpr,
+                    HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(out, m, log-sum) with each hidden row (max -inf, or the finite fill: every key it saw was filled) set to
+    mean(v) over all keys, max -inf and log-sum 0, so that the backward treats it as empty (hidden_rows.py)."""
+    hidden = m_i == float("-inf")
+    if FINITE_FILL:
+        hidden = hidden | (m_i == fill)
+    hidden = hidden & valid
+    if tl.sum(hidden.to(tl.int32), 0) > 0:
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_dv = tl.arange(0, HEAD_DV)
+        total = tl.zeros([BLOCK_N, HEAD_DV], tl.float32)
+        for start in range(0, n_keys, BLOCK_N):
+            j = start + offs_n
+            total += tl.load(V + j[:, None] * svn + offs_dv[None, :],
+                             mask=(j[:, None] < n_keys) & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+        mean = tl.sum(total, 0) / n_keys  # (HEAD_DV,)
+        out = tl.where(hidden[:, None], mean[None, :], out)
+        m_i = tl.where(hidden, float("-inf"), m_i)
+        log_sum = tl.where(hidden, 0.0, log_sum)
+    return out, m_i, log_sum
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Stats, Res,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
                 n_heads, group, n_queries, n_keys, mask_value,
                 SCALE: tl.constexpr, SOFTCAP: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
                 DROPOUT_P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, RAW: tl.constexpr,
-                EMPTY_ZERO: tl.constexpr, PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr,
+                EMPTY_ROWS: tl.constexpr, PRECISION: tl.constexpr, MASK_KEYS: tl.constexpr,
                 SKIP_PADDING: tl.constexpr, RESIDUAL: tl.constexpr, D: tl.constexpr,
                 DV: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
@@ -138,7 +168,10 @@ def _fwd_kernel(Q, K, V, Bias, Mask, Seed, Out, Stats, Res,
                                    V + b * svb + hkv * svh, skn, svn, bias_rows, sbn, mask_rows, smn, mask_value,
                                    seed, n_keys, shift, stage != 1, RAW, SCALE, SOFTCAP, LEFT, RIGHT, DROPOUT_P,
                                    HAS_BIAS, HAS_MASK, PRECISION, D, DV, HEAD_D, HEAD_DV, BLOCK_N)
-    out, m_i, log_sum = _fwd_epilogue(acc, l_i, m_i, RAW, SCALE, DROPOUT_P, EMPTY_ZERO)
+    out, m_i, log_sum = _fwd_epilogue(acc, l_i, m_i, RAW, SCALE, DROPOUT_P, EMPTY_ROWS == 1)
+    if EMPTY_ROWS >= 2:
+        out, m_i, log_sum = _average_hidden(out, m_i, log_sum, i < n_queries, V + b * svb + hkv * svh, svn, n_keys,
+                                            mask_value, EMPTY_ROWS == 3, DV, HEAD_DV, BLOCK_N)
     o_offs = pid_bh.to(tl.int64) * n_queries * DV + i[:, None] * DV + offs_dv[None, :]
     o_valid = (i[:, None] < n_queries) & (offs_dv[None, :] < DV)
     rounded = out.to(Out.dtype.element_ty)
@@ -164,6 +197,14 @@ def unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def empty_rows(spec):
+    """EMPTY_ROWS: 0 the formula's NaN, 1 zero, 2 average the rows whose max is -inf, 3 also those whose max is the
+    finite fill."""
+    if spec.empty_rows != "average":
+        return int(spec.empty_rows == "zero")
+    return 3 if math.isfinite(spec.mask_value) else 2
+
+
 def forward(q, k, v, bias, mask, seed, spec, launch, residual=None):
     """Launch the forward kernel. mask is uint8 (see flash_common.as_bytes). Returns out, stats (fp32); writes
     out's rounding residual into `residual` when given (contiguous, out's shape and dtype)."""
@@ -179,6 +220,6 @@ def forward(q, k, v, bias, mask, seed, spec, launch, residual=None):
         out if residual is None else residual,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *broadcast_strides(bias), *broadcast_strides(mask),
         hq, hq // hkv, nq, nk, fill_argument(spec), **constexprs(spec, bias, mask, q.dtype),
-        EMPTY_ZERO=spec.empty_rows == "zero", RESIDUAL=residual is not None,
+        EMPTY_ROWS=empty_rows(spec), RESIDUAL=residual is not None,
         D=d, DV=dv, HEAD_D=head_d, HEAD_DV=head_dv, **cfg)
     return out, stats

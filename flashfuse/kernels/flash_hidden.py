@@ -1,4 +1,5 @@
-"""empty_rows="average" on the Triton path: the fix-ups of hidden_rows.py as one kernel each way.
+"""empty_rows="average" on the Triton path: the fix-ups of hidden_rows.py as one kernel each way (the flash
+forward kernel averages its hidden rows itself; this forward fix-up serves the decode and FP8 kernels).
 
 Same rule and formulas as hidden_rows.py (the CPU path's version, which its docstring derives). Most rows are
 not hidden, so each program first reads its rows' max from stats and does nothing more when none is hidden:
