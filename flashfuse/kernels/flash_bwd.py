@@ -199,8 +199,9 @@ def backward(dout, q, k, v, bias, mask, seed, out, stats, spec, bias_grad, launc
         dbias = delta  # a stand-in (never touched without BIAS_GRAD) that is no input of the op
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *broadcast_strides(bias),
                *broadcast_strides(mask))
-    tensors = (q, k, v, dout, stats, delta, q if bias is None else bias, q if mask is None else mask,
-               q if seed is None else seed)
+    # absent tensors' pointers: dq, never read (not q; see flash_fwd.forward)
+    tensors = (q, k, v, dout, stats, delta, dq if bias is None else bias, dq if mask is None else mask,
+               dq if seed is None else seed)
     flags = dict(constexprs(spec, bias, mask, q.dtype), D=d, DV=dv_, HEAD_D=head_d, HEAD_DV=head_dv)
     cfg = configs.default("dq", head)
     launch(_dq_kernel, (configs.cdiv(nq, cfg["BLOCK_M"]), b * hq))(

@@ -140,8 +140,9 @@ def forward(q, k, v, bias, mask, seed, spec, launch):
     o_part = torch.empty((splits, total_rows, dv), dtype=torch.float32, device=q.device)
     m_part = torch.empty((splits, total_rows), dtype=torch.float32, device=q.device)
     l_part = torch.empty((splits, total_rows), dtype=torch.float32, device=q.device)
+    # absent tensors' pointers: o_part, never read (not q; see flash_fwd.forward)
     launch(_decode_split_kernel, (splits, b * hkv, m_tiles))(
-        q, k, v, q if bias is None else bias, q if mask is None else mask, q if seed is None else seed,
+        q, k, v, o_part if bias is None else bias, o_part if mask is None else mask, o_part if seed is None else seed,
         o_part, m_part, l_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *broadcast_strides(bias),
         *broadcast_strides(mask), hq, group, nq, nk, chunk, fill_argument(spec),
         **constexprs(spec, bias, mask, q.dtype), D=d, DV=dv, HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_M=block_m,

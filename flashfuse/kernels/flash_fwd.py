@@ -215,9 +215,11 @@ def forward(q, k, v, bias, mask, seed, spec, launch, residual=None):
     head_d, head_dv = head_pad(d), head_pad(dv)
     cfg = configs.default("fwd", max(head_d, head_dv))
     grid = (configs.cdiv(nq, cfg["BLOCK_M"]), b * hq)
+    # absent tensors' pointers: out, never read. Not q: where q is computed in the graph (a rotary embedding, a
+    # scale), inductor writes it into a buffer of its own for each argument it fills
     launch(_fwd_kernel, grid)(
-        q, k, v, q if bias is None else bias, q if mask is None else mask, q if seed is None else seed, out, stats,
-        out if residual is None else residual,
+        q, k, v, out if bias is None else bias, out if mask is None else mask, out if seed is None else seed, out,
+        stats, out if residual is None else residual,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *broadcast_strides(bias), *broadcast_strides(mask),
         hq, hq // hkv, nq, nk, fill_argument(spec), **constexprs(spec, bias, mask, q.dtype),
         EMPTY_ROWS=empty_rows(spec), RESIDUAL=residual is not None,
