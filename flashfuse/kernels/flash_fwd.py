@@ -104,23 +104,35 @@ def _fwd_epilogue(acc, l_i, m_i, RAW: tl.constexpr, SCALE: tl.constexpr, DROPOUT
 
 
 @triton.jit
-def _average_hidden(out, m_i, log_sum, valid, V, svn, n_keys, fill, FINITE_FILL: tl.constexpr, DV: tl.constexpr,
-                    HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(out, m, log-sum) with each hidden row (max -inf, or the finite fill: every key it saw was filled) set to
-    mean(v) over all keys, max -inf and log-sum 0, so that the backward treats it as empty (hidden_rows.py)."""
+def _hidden(m_i, valid, fill, FINITE_FILL: tl.constexpr):
+    """Rows that saw no key: max -inf, or (FINITE_FILL) the mask's finite fill, so every key they saw was filled."""
     hidden = m_i == float("-inf")
     if FINITE_FILL:
         hidden = hidden | (m_i == fill)
-    hidden = hidden & valid
+    return hidden & valid
+
+
+@triton.jit
+def _mean_v(V, svn, n_keys, DV: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """mean(v) over all n_keys rows of one head's V, fp32 (HEAD_DV,)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, HEAD_DV)
+    total = tl.zeros([BLOCK_N, HEAD_DV], tl.float32)
+    for start in range(0, n_keys, BLOCK_N):
+        j = start + offs_n
+        total += tl.load(V + j[:, None] * svn + offs_dv[None, :],
+                         mask=(j[:, None] < n_keys) & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+    return tl.sum(total, 0) / n_keys
+
+
+@triton.jit
+def _average_hidden(out, m_i, log_sum, valid, V, svn, n_keys, fill, FINITE_FILL: tl.constexpr, DV: tl.constexpr,
+                    HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(out, m, log-sum) with each hidden row set to mean(v), max -inf and log-sum 0, so that the backward treats
+    it as empty (hidden_rows.py)."""
+    hidden = _hidden(m_i, valid, fill, FINITE_FILL)
     if tl.sum(hidden.to(tl.int32), 0) > 0:
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_dv = tl.arange(0, HEAD_DV)
-        total = tl.zeros([BLOCK_N, HEAD_DV], tl.float32)
-        for start in range(0, n_keys, BLOCK_N):
-            j = start + offs_n
-            total += tl.load(V + j[:, None] * svn + offs_dv[None, :],
-                             mask=(j[:, None] < n_keys) & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
-        mean = tl.sum(total, 0) / n_keys  # (HEAD_DV,)
+        mean = _mean_v(V, svn, n_keys, DV, HEAD_DV, BLOCK_N)
         out = tl.where(hidden[:, None], mean[None, :], out)
         m_i = tl.where(hidden, float("-inf"), m_i)
         log_sum = tl.where(hidden, 0.0, log_sum)

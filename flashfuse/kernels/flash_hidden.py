@@ -20,6 +20,7 @@ import triton.language as tl
 
 from flashfuse.kernels import configs
 from flashfuse.kernels.flash_common import _dot, fill_argument, precision
+from flashfuse.kernels.flash_fwd import _hidden, _mean_v
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -37,19 +38,11 @@ def _hidden_fwd_kernel(Out, Stats, V, so_b, so_h, so_m, ss_t, ss_b, ss_h, sv_b, 
     i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ptrs = Stats + b * ss_b + h * ss_h + i
     m = tl.load(m_ptrs, mask=i < nq, other=0.0)
-    hidden = m == float("-inf")
-    if FINITE_FILL:  # else fill is a stand-in (fill_argument): -inf has no spelling in inductor's generated code
-        hidden = hidden | (m == tl.cast(fill, tl.float32))
-    hidden = hidden & (i < nq)
+    # without FINITE_FILL, fill is a stand-in (fill_argument): -inf has no spelling in inductor's generated code
+    hidden = _hidden(m, i < nq, tl.cast(fill, tl.float32), FINITE_FILL)
     if tl.sum(hidden.to(tl.int32), 0) > 0:
         offs_dv = tl.arange(0, HEAD_DV)
-        total = tl.zeros([BLOCK_N, HEAD_DV], tl.float32)
-        Vh = V + b * sv_b + (h // group) * sv_h
-        for start in range(0, nk, BLOCK_N):
-            j = start + tl.arange(0, BLOCK_N)
-            total += tl.load(Vh + j[:, None] * sv_n + offs_dv[None, :],
-                             mask=(j[:, None] < nk) & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
-        mean = tl.sum(total, 0) / nk  # (HEAD_DV,)
+        mean = _mean_v(V + b * sv_b + (h // group) * sv_h, sv_n, nk, DV, HEAD_DV, BLOCK_N)
         rows = tl.zeros([BLOCK_M, HEAD_DV], tl.float32) + mean[None, :]
         tl.store(Out + b * so_b + h * so_h + i[:, None] * so_m + offs_dv[None, :], rows.to(Out.dtype.element_ty),
                  mask=hidden[:, None] & (offs_dv[None, :] < DV))
