@@ -83,16 +83,16 @@ def _dkdv_inner(dk, dv, k, v, j, lo, hi, Q, dO, Stats, n_stats, Delta, sqm, sdm,
             dbt = dst
         if BIAS_GRAD:
             if DB_Q1 and DB_K1:
-                tl.atomic_add(DBias, tl.sum(tl.sum(dbt, 1), 0))
+                tl.atomic_add(DBias, tl.sum(tl.sum(dbt, 1), 0), sem="relaxed")
             elif DB_Q1:
-                tl.atomic_add(DBias + j * sdbn, tl.sum(dbt, 1), mask=j < n_keys)
+                tl.atomic_add(DBias + j * sdbn, tl.sum(dbt, 1), mask=j < n_keys, sem="relaxed")
             elif DB_K1:
-                tl.atomic_add(DBias + i * sdbm, tl.sum(dbt, 0), mask=i < n_queries)
+                tl.atomic_add(DBias + i * sdbm, tl.sum(dbt, 0), mask=i < n_queries, sem="relaxed")
             else:
                 db_ptrs = DBias + i[None, :] * sdbm + j[:, None] * sdbn
                 db_valid = (i[None, :] < n_queries) & (j[:, None] < n_keys)
                 if DB_ATOMIC:
-                    tl.atomic_add(db_ptrs, dbt, mask=db_valid)
+                    tl.atomic_add(db_ptrs, dbt, mask=db_valid, sem="relaxed")
                 else:
                     tl.store(db_ptrs, dbt.to(DBias.dtype.element_ty), mask=db_valid)
         if SOFTCAP != 0.0:

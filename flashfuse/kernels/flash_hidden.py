@@ -8,7 +8,8 @@ the GPU reads the stats, and the host launches one kernel instead of inductor's 
 Forward, one program per (BLOCK_M queries, batch, q head): hidden rows get mean(v) and max -inf, log-sum 0.
 Backward in two launches over BLOCK_D columns of D. First one program per (BLOCK_M queries, batch, q head): its
 hidden rows' dq (fill_adds), and their sums added atomically into a (B * Hkv, ...) fp32 buffer (so their
-rounding depends on the order the blocks add in). Then one per (BLOCK_N keys,
+rounding depends on the order the blocks add in; relaxed atomics, as nothing reads the sums before the next
+launch: half the kernel's time at GPT-2's padded shape went to acq_rel ordering). Then one per (BLOCK_N keys,
 batch, kv head): dv += sum(dout) / Nk and, with fill_adds, the k term. V^T K and dout^T q are (Dv, BLOCK_D)
 products, never (Nq, Nk); a query block with hidden rows reads all keys once.
 """
@@ -72,8 +73,9 @@ def _hidden_rows_bwd_kernel(Q, K, V, DO, Stats, GradQ, Sums, sq_b, sq_h, sq_m, s
         do = tl.load(DO + b * sdo_b + h * sdo_h + i[:, None] * sdo_m + offs_dv[None, :], mask=hid[:, None] & dv_ok,
                      other=0.0)
         if tl.program_id(2) == 0:
-            tl.atomic_add(W + tl.arange(0, 1), tl.sum(hid.to(tl.float32), 0) + tl.zeros([1], tl.float32))
-            tl.atomic_add(W + 1 + offs_dv, tl.sum(do.to(tl.float32), 0), mask=offs_dv < DV)
+            count = tl.sum(hid.to(tl.float32), 0) + tl.zeros([1], tl.float32)
+            tl.atomic_add(W + tl.arange(0, 1), count, sem="relaxed")
+            tl.atomic_add(W + 1 + offs_dv, tl.sum(do.to(tl.float32), 0), mask=offs_dv < DV, sem="relaxed")
         if FILL_ADDS:
             # keys: mean(v), and V^T K and sum(k) on this program's columns of D
             Kh = K + b * sk_b + (h // group) * sk_h
@@ -97,8 +99,10 @@ def _hidden_rows_bwd_kernel(Q, K, V, DO, Stats, GradQ, Sums, sq_b, sq_h, sq_m, s
             dq = tl.load(dq_ptrs, mask=hid[:, None] & d_ok, other=0.0).to(tl.float32) + c * extra
             tl.store(dq_ptrs, dq.to(GradQ.dtype.element_ty), mask=hid[:, None] & d_ok)
             doq = _dot(tl.trans(do), qi, None, PRECISION)  # (HEAD_DV, BLOCK_D)
-            tl.atomic_add(W + 1 + DV + offs_dv[:, None] * D + offs_d[None, :], doq, mask=dv_ok.T & d_ok)
-            tl.atomic_add(W + 1 + DV + DV * D + offs_d, tl.sum(delta[:, None] * qi.to(tl.float32), 0), mask=offs_d < D)
+            tl.atomic_add(W + 1 + DV + offs_dv[:, None] * D + offs_d[None, :], doq, mask=dv_ok.T & d_ok,
+                          sem="relaxed")
+            tl.atomic_add(W + 1 + DV + DV * D + offs_d, tl.sum(delta[:, None] * qi.to(tl.float32), 0),
+                          mask=offs_d < D, sem="relaxed")
 
 
 @triton.jit
