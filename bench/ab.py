@@ -26,9 +26,9 @@ import timing  # noqa: E402
 
 import flashfuse  # noqa: E402
 
-# name: (B, Hq, Hkv, Nq, Nk, D, causal[, dropout_p[, padded[, fp8]]]); padded: a (B, 1, 1, Nk) key mask hiding the
-# first third of the keys of row 0 ("row0", as bench/models.py pads) or of every row ("all"); fp8: the FP8 forward
-# (fp8=True; forward rows only)
+# name: (B, Hq, Hkv, Nq, Nk, D, causal[, dropout_p[, padded[, fp8[, bias]]]]); padded: a (B, 1, 1, Nk) key mask
+# hiding the first third of the keys of row 0 ("row0", as bench/models.py pads) or of every row ("all"); fp8: the
+# FP8 forward (fp8=True; forward rows only); bias: a bf16 bias that gets a gradient, of BIASES' shape
 SHAPES = {
     "gpt2 8x12x1024 d64 c": (8, 12, 12, 1024, 1024, 64, True),
     "gpt2 8x12x1024 d64 c dropout 0.1": (8, 12, 12, 1024, 1024, 64, True, 0.1),
@@ -50,7 +50,14 @@ SHAPES = {
     "fp8 4x16x4096 d128 nc": (4, 16, 16, 4096, 4096, 128, False, 0.0, None, True),
     "fp8 4x16x4096 d128 c": (4, 16, 16, 4096, 4096, 128, True, 0.0, None, True),
     "fp8 1x16x16384 d128 c": (1, 16, 16, 16384, 16384, 128, True, 0.0, None, True),
+    "bias (B,1,N,N) 4x16x4096 d128 nc": (4, 16, 16, 4096, 4096, 128, False, 0.0, None, False, "batch"),
+    "bias (1,H,N,N) 4x16x4096 d128 nc": (4, 16, 16, 4096, 4096, 128, False, 0.0, None, False, "head"),
+    "bias (B,1,N,N) gpt2 8x12x1024 d64 c": (8, 12, 12, 1024, 1024, 64, True, 0.0, None, False, "batch"),
+    "bias (B,1,1,N) gpt2 8x12x1024 d64 c": (8, 12, 12, 1024, 1024, 64, True, 0.0, None, False, "key"),
 }
+#: bias kind -> its shape for (B, Hq, Nq, Nk)
+BIASES = {"batch": lambda b, h, nq, nk: (b, 1, nq, nk), "head": lambda b, h, nq, nk: (1, h, nq, nk),
+          "key": lambda b, h, nq, nk: (b, 1, 1, nk)}
 
 
 def prepare(commit, folder):
@@ -93,37 +100,49 @@ def key_padding(b, nk, padded):
     return {"mask": mask}
 
 
-def measure(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded=None, fp8=False):
+def with_bias(kind, b, hq, nq, nk, train):
+    """{} or {"bias": a bf16 tensor of BIASES[kind]'s shape that requires grad when training}."""
+    if not kind:
+        return {}
+    shape = BIASES[kind](b, hq, nq, nk)
+    return {"bias": torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=train)}
+
+
+def measure(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded=None, fp8=False, bias=None):
     torch.manual_seed(0)
     train = nq > 1 and not fp8
     q = torch.randn(b, hq, nq, d, device="cuda", dtype=torch.bfloat16, requires_grad=train)
     k = torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=train)
     v = torch.randn(b, hkv, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=train)
-    extra = dict(key_padding(b, nk, padded), **({"fp8": True} if fp8 else {}))
+    extra = dict(key_padding(b, nk, padded), **({"fp8": True} if fp8 else {}),
+                 **with_bias(bias, b, hq, nq, nk, train))
     fwd = lambda: attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra)  # noqa: E731
     with torch.no_grad():
         result = {"fwd": timing.wall_ms(fwd)[1], "fwd_gpu": timing.gpu_ms(fwd), "fwd_host": timing.host_ms(fwd)}
     if train:
         out = fwd()
         dout = torch.randn_like(out)
-        both = lambda: torch.autograd.grad(fwd(), (q, k, v), dout)  # noqa: E731
+        inputs = (q, k, v) + ((extra["bias"],) if "bias" in extra else ())
+        both = lambda: torch.autograd.grad(fwd(), inputs, dout)  # noqa: E731
         both()
         result.update(both=timing.wall_ms(both)[1], both_gpu=timing.gpu_ms(both), both_host=timing.host_ms(both))
     return result
 
 
-def kernel_times(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded=None, fp8=False, calls=5):
+def kernel_times(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded=None, fp8=False, bias=None,
+                 calls=5):
     """{kernel name: GPU us per forward + backward call} (per forward call for fp8)."""
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=not fp8)
                for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
-    extra = key_padding(b, nk, padded)
+    extra = dict(key_padding(b, nk, padded), **with_bias(bias, b, hq, nq, nk, not fp8))
     if fp8:
         with torch.no_grad():
             return timing.kernel_us(lambda: attention(q, k, v, causal=causal, fp8=True, **extra), calls)
     out = attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra)
     dout = torch.randn_like(out)
+    inputs = (q, k, v) + ((extra["bias"],) if "bias" in extra else ())
     return timing.kernel_us(lambda: torch.autograd.grad(
-        attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra), (q, k, v), dout), calls)
+        attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra), inputs, dout), calls)
 
 
 def main():
