@@ -100,6 +100,11 @@ def key_padding(b, nk, padded):
     return {"mask": mask}
 
 
+def grad_inputs(q, k, v, extra):
+    """What the backward differentiates: q, k, v and the bias when there is one."""
+    return (q, k, v) + ((extra["bias"],) if "bias" in extra else ())
+
+
 def with_bias(kind, b, hq, nq, nk, train):
     """{} or {"bias": a bf16 tensor of BIASES[kind]'s shape that requires grad when training}."""
     if not kind:
@@ -122,8 +127,7 @@ def measure(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded=None
     if train:
         out = fwd()
         dout = torch.randn_like(out)
-        inputs = (q, k, v) + ((extra["bias"],) if "bias" in extra else ())
-        both = lambda: torch.autograd.grad(fwd(), inputs, dout)  # noqa: E731
+        both = lambda: torch.autograd.grad(fwd(), grad_inputs(q, k, v, extra), dout)  # noqa: E731
         both()
         result.update(both=timing.wall_ms(both)[1], both_gpu=timing.gpu_ms(both), both_host=timing.host_ms(both))
     return result
@@ -140,9 +144,8 @@ def kernel_times(attention, b, hq, hkv, nq, nk, d, causal, dropout_p=0.0, padded
             return timing.kernel_us(lambda: attention(q, k, v, causal=causal, fp8=True, **extra), calls)
     out = attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra)
     dout = torch.randn_like(out)
-    inputs = (q, k, v) + ((extra["bias"],) if "bias" in extra else ())
     return timing.kernel_us(lambda: torch.autograd.grad(
-        attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra), inputs, dout), calls)
+        attention(q, k, v, causal=causal, dropout_p=dropout_p, **extra), grad_inputs(q, k, v, extra), dout), calls)
 
 
 def main():
